@@ -1,0 +1,47 @@
+"""Shared command-line plumbing: user errors become one ``error: ...`` line.
+
+A :class:`~passl.errors.UserError` (bad flag, key, name, missing file) exits with
+status 2 and a single line on stderr saying what to do; ``--debug`` or
+``PASSL_DEBUG=1`` re-raises it with the full traceback for developers. Other
+exceptions are bugs and keep their traceback.
+"""
+import argparse
+import os
+import sys
+
+from passl.errors import UserError
+
+DEBUG_ENV = "PASSL_DEBUG"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a ``--debug`` flag and one-line errors in our format."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true",
+                          help=f"show full tracebacks (same as {DEBUG_ENV}=1)")
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def debugging(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def run_cli(main, argv=None):
+    """Call ``main(argv)``; turn UserError into ``error: ...`` on stderr and exit code 2."""
+    try:
+        code = main(argv)
+    except UserError as e:
+        if debugging(argv):
+            raise
+        message = " ".join(str(e).split("\n"))
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

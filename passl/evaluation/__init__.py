@@ -1,0 +1,1 @@
+"""Evaluation: top-k accuracy and kNN."""

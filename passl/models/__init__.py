@@ -1,0 +1,3 @@
+"""Model parts; importing this package registers all of them."""
+from passl.models.registry import BACKBONES, HEADS, LOSSES, MODELS, NECKS  # noqa: F401
+from passl.models import backbones, necks, heads, losses, architectures  # noqa: F401,E402

@@ -1,0 +1,101 @@
+import pytest
+import yaml
+
+from passl.config import load_config, save_config
+from passl.errors import ConfigError
+
+
+def write(tmp_path, name, text):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def child(tmp_path):
+    write(tmp_path, "base/runtime.yaml", "seed: 1\ndevice: cpu\nepochs: 10\n")
+    write(tmp_path, "base/model.yaml",
+          "model:\n  name: SwAV\n  backbone: {name: ResNet, depth: 50, stem: imagenet}\n"
+          "  loss: {name: SwAVLoss, nmb_crops: [2, 6], epsilon: 0.05}\n")
+    return write(tmp_path, "exp/child.yaml",
+                 "_base_: [../base/runtime.yaml, ../base/model.yaml]\n"
+                 "epochs: 20\n"
+                 "model:\n  backbone: {depth: 18}\n"
+                 "  loss: {_replace_: true, name: SwAVLoss, nmb_crops: [2]}\n"
+                 "amp: {enable: false}\n")
+
+
+def test_bases_are_merged_deeply_and_child_wins(child):
+    cfg = load_config(child)
+    assert cfg.epochs == 20 and cfg.seed == 1 and cfg.device == "cpu"
+    assert cfg.model.backbone == {"name": "ResNet", "depth": 18, "stem": "imagenet"}
+
+
+def test_replace_drops_base_keys(child):
+    cfg = load_config(child)
+    assert cfg.model.loss == {"name": "SwAVLoss", "nmb_crops": [2]}
+
+
+def test_overrides_parse_yaml_values(child):
+    cfg = load_config(child, ["epochs=5", "model.loss.nmb_crops=[224, 96]",
+                              "amp.enable=true", "device=gpu", "model.backbone.stem=cifar"])
+    assert cfg.epochs == 5 and isinstance(cfg.epochs, int)
+    assert cfg.model.loss.nmb_crops == [224, 96]
+    assert cfg.amp.enable is True
+    assert cfg.model.backbone.stem == "cifar"
+
+
+def test_override_list_element_by_index(tmp_path):
+    path = write(tmp_path, "c.yaml", "hooks:\n  - {name: A, interval: 1}\n  - {name: B}\n")
+    cfg = load_config(path, ["hooks.0.interval=3"])
+    assert cfg.hooks[0].interval == 3
+    with pytest.raises(ConfigError, match="hooks.5 is not an index of a list of 2 items"):
+        load_config(path, ["hooks.5.interval=3"])
+
+
+def test_unknown_override_key_suggests_and_plus_adds(child):
+    with pytest.raises(ConfigError) as e:
+        load_config(child, ["model.backbone.deph=34"])
+    msg = str(e.value)
+    assert "model.backbone.deph" in msg and "did you mean: depth" in msg and "child.yaml" in msg
+    assert "+model.backbone.deph" in msg
+    cfg = load_config(child, ["+model.backbone.width_multiplier=2", "+model.neck.out_dim=64"])
+    assert cfg.model.backbone.width_multiplier == 2 and cfg.model.neck.out_dim == 64
+
+
+def test_unknown_top_level_key(tmp_path):
+    path = write(tmp_path, "c.yaml", "epocs: 3\n")
+    with pytest.raises(ConfigError, match="unknown top-level key 'epocs'.*did you mean: epochs"):
+        load_config(path)
+
+
+def test_blocks_know_their_key_path_and_file(child):
+    cfg = load_config(child)
+    assert cfg.model.backbone.key_path == "model.backbone"
+    assert cfg.model.backbone.source == child
+
+
+@pytest.mark.parametrize("text, match", [
+    ("model: [1, 2\n", "not valid YAML"),
+    ("- 1\n- 2\n", "must be a YAML mapping"),
+    ("_base_: missing.yaml\n", "_base_ file not found: missing.yaml"),
+])
+def test_bad_files(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, "c.yaml", text))
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path, child):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(child, ["epochs"])
+
+
+def test_save_config_round_trips(child, tmp_path):
+    cfg = load_config(child, ["epochs=7"])
+    out = tmp_path / "out" / "config.yaml"
+    save_config(cfg, str(out))
+    assert yaml.safe_load(out.read_text()) == cfg.to_dict()
+    assert load_config(str(out)).to_dict() == cfg.to_dict()

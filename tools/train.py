@@ -1,0 +1,57 @@
+"""Train or evaluate from a YAML config.
+
+    python tools/train.py -c configs/swav/swav_r18_digits.yaml [-o key.path=value ...]
+    python -m paddle.distributed.launch --nproc_per_node 2 tools/train.py -c CFG
+    python tools/train.py -c CFG --resume auto            # latest checkpoint in output_dir
+    python tools/train.py -c CLS_CFG --pretrained backbone.pdparams
+    python tools/train.py -c CLS_CFG --load CKPT --evaluate-only
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from passl.cli import ArgumentParser, run_cli  # noqa: E402
+from passl.errors import UserError  # noqa: E402
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", required=True, help="YAML config file")
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted path, YAML value); repeatable; "
+                             "+KEY=VALUE adds a key that the config does not have")
+    parser.add_argument("--resume", metavar="PATH|auto",
+                        help="continue from a checkpoint, or 'auto' for the latest in output_dir")
+    parser.add_argument("--pretrained", metavar="PATH",
+                        help="backbone weights (.pdparams) to start from")
+    parser.add_argument("--load", metavar="PATH", help="full model weights from a checkpoint")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="evaluate on the val set and exit (use with --load)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.resume and (args.pretrained or args.load):
+        raise UserError("--resume restores the whole run; do not combine it with "
+                        "--pretrained or --load")
+    for flag, path in (("--pretrained", args.pretrained), ("--load", args.load),
+                       ("--resume", None if args.resume == "auto" else args.resume)):
+        if path and not os.path.exists(path):
+            raise UserError(f"{flag} {path}: file not found")
+    from passl.config import load_config
+    cfg = load_config(args.config, args.override)
+    from passl.runtime import configure_cpu_threads
+    configure_cpu_threads(cfg.get("threads", "auto"))  # before Paddle loads
+    from passl.engine.trainer import Trainer
+    trainer = Trainer(cfg, resume=args.resume, pretrained=args.pretrained, load=args.load)
+    if args.evaluate_only:
+        trainer.evaluate()
+    else:
+        trainer.train()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
