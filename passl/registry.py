@@ -32,6 +32,8 @@ def did_you_mean(word, choices, n=3):
 
 def accepted_kwargs(obj):
     """Keyword names ``obj`` (a class or function) accepts, or None when it takes ``**kwargs``."""
+    if inspect.isclass(obj) and obj.__init__ is object.__init__:
+        return []  # no constructor of its own: takes no arguments
     target = obj.__init__ if inspect.isclass(obj) else obj
     params = list(inspect.signature(target).parameters.values())
     if inspect.isclass(obj):

@@ -67,3 +67,13 @@ def test_missing_required_and_missing_name(reg):
     with pytest.raises(ConfigError, match="missing 'name' key.*Gear, Pulley, Sprocket"):
         reg.build({"teeth": 1})
     assert reg.build(None) is None
+
+
+def test_class_without_constructor_ignores_defaults_and_rejects_keys(reg):
+    @reg.register()
+    class Plain:
+        pass
+
+    assert isinstance(reg.build({"name": "Plain"}, epochs=3), Plain)
+    with pytest.raises(ConfigError, match="Plain does not accept 'size'"):
+        reg.build({"name": "Plain", "size": 1})

@@ -1,1 +1,2 @@
 """Importing this package registers its modules."""
+from passl.models.heads import swav_prototypes  # noqa: F401

@@ -1,0 +1,79 @@
+"""SwAV: multi-crop forward through backbone, projection neck and prototypes, then the loss."""
+import itertools
+
+import paddle
+import paddle.nn as nn
+
+from passl.errors import ConfigError
+from passl.models.registry import BACKBONES, HEADS, LOSSES, MODELS, NECKS
+
+
+def resolution_groups(crops):
+    """Consecutive runs of crops with equal spatial size, as lists (2x224 + 6x96 -> 2 groups)."""
+    return [list(group) for _, group in itertools.groupby(crops, key=lambda c: tuple(c.shape[2:]))]
+
+
+def prototypes_used(scores):
+    """Share of the K prototypes that are the top score of at least one row (no gradient).
+
+    Near 1/K when the assignments collapse onto one prototype; a health signal.
+    """
+    with paddle.no_grad():
+        winners = scores.argmax(axis=1)
+        used = paddle.zeros([scores.shape[1]], dtype="float32")
+        used = paddle.scatter(used, winners, paddle.ones_like(winners, dtype="float32"))
+        return used.mean()
+
+
+@MODELS.register()
+class SwAV(nn.Layer):
+    """Swapping Assignments between Views (Caron et al. 2020).
+
+    Config keys (``model``): ``backbone``, ``neck``, ``head``, ``loss``: blocks
+    built through the BACKBONES, NECKS, HEADS and LOSSES registries (typically
+    ResNet, SwAVNeck, SwAVPrototypes, SwAVLoss).
+
+    ``forward((crops, labels))`` takes the crops of one batch (a list of
+    ``[B, 3, H, W]`` Tensors, crops of equal size consecutive, as MultiCrop
+    yields them) and returns ``{'loss', 'logs'}``. In training mode the
+    prototypes are L2-normalised first, as the reference does before every step.
+    """
+
+    def __init__(self, backbone, neck, head, loss):
+        super().__init__()
+        self.backbone = BACKBONES.build(backbone)
+        self.neck = NECKS.build(neck)
+        self.head = HEADS.build(head)
+        self.loss = LOSSES.build(loss)
+
+    def forward(self, batch):
+        crops, _ = batch
+        if isinstance(crops, paddle.Tensor):
+            crops = [crops]
+        expected = sum(self.loss.nmb_crops)
+        if len(crops) != expected:
+            raise ConfigError(f"the batch has {len(crops)} crops per image but "
+                              f"model.loss.nmb_crops {self.loss.nmb_crops} expects {expected}; "
+                              f"make the MultiCrop transform's nmb_crops and model.loss.nmb_crops "
+                              f"agree")
+        if self.training:
+            self.head.normalize_prototypes()
+        batch_size = crops[0].shape[0]
+        # one backbone call per resolution; rows stay crop-major
+        features = [self.backbone(paddle.concat(group)) for group in resolution_groups(crops)]
+        features = features[0] if len(features) == 1 else paddle.concat(features)
+        embeddings = self.neck(features)
+        scores_per_head = self.head(embeddings)
+        queue_in_use = self.loss.queue is not None and self.loss.queue.in_use()
+        loss = self.loss(embeddings, scores_per_head, self.head.prototype_weights(), batch_size)
+        logs = {
+            # share of prototypes that win at least one crop of this rank's batch (first head)
+            "prototypes_used": prototypes_used(scores_per_head[0]),
+            "queue_in_use": float(queue_in_use),
+        }
+        return {"loss": loss, "logs": logs}
+
+    @paddle.no_grad()
+    def extract_features(self, images):
+        """Pooled backbone features ``[B, C]`` (for kNN and linear evaluation)."""
+        return self.backbone(images)

@@ -1,0 +1,178 @@
+"""ResNet backbones (He et al. 2016) as SwAV trains them, without the classifier.
+
+Parameter names follow ``paddle.vision.models.resnet`` (``conv1``, ``bn1``,
+``layer1.0.conv1``, ``layer1.0.downsample.0`` ...), so ImageNet weights saved
+from ``paddle.vision`` load by name. Initialisation follows the SwAV reference
+(torchvision's): Kaiming-normal (fan_out) convolutions, BatchNorm gamma 1 and
+beta 0, optionally gamma 0 for the last BatchNorm of every residual block.
+"""
+import paddle
+import paddle.nn as nn
+
+from passl.errors import ConfigError
+from passl.models.registry import BACKBONES
+
+
+def conv_bn(in_channels, out_channels, kernel_size, stride, data_format):
+    """A bias-free convolution with 'same'-style padding, and the BatchNorm that follows it."""
+    conv = nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride,
+                     padding=kernel_size // 2, bias_attr=False, data_format=data_format)
+    return conv, nn.BatchNorm2D(out_channels, data_format=data_format)
+
+
+class BasicBlock(nn.Layer):
+    """Two 3x3 convolutions plus the shortcut (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels, planes, stride, downsample, data_format):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(in_channels, planes, 3, stride, data_format)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3, 1, data_format)
+        self.relu = nn.ReLU()
+        self.downsample = downsample
+
+    def last_bn(self):
+        return self.bn2
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + shortcut)
+
+
+class BottleneckBlock(nn.Layer):
+    """1x1 reduce, 3x3 (carrying the stride, as torchvision), 1x1 expand x4, plus the shortcut."""
+
+    expansion = 4
+
+    def __init__(self, in_channels, planes, stride, downsample, data_format):
+        super().__init__()
+        self.conv1, self.bn1 = conv_bn(in_channels, planes, 1, 1, data_format)
+        self.conv2, self.bn2 = conv_bn(planes, planes, 3, stride, data_format)
+        self.conv3, self.bn3 = conv_bn(planes, planes * self.expansion, 1, 1, data_format)
+        self.relu = nn.ReLU()
+        self.downsample = downsample
+
+    def last_bn(self):
+        return self.bn3
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + shortcut)
+
+
+#: depth -> (block, residual blocks per stage)
+DEPTHS = {
+    18: (BasicBlock, [2, 2, 2, 2]),
+    34: (BasicBlock, [3, 4, 6, 3]),
+    50: (BottleneckBlock, [3, 4, 6, 3]),
+    101: (BottleneckBlock, [3, 4, 23, 3]),
+    152: (BottleneckBlock, [3, 8, 36, 3]),
+}
+
+#: stem -> (first conv kernel, its stride, max-pool after it)
+STEMS = {
+    "imagenet": (7, 2, True),   # 224-pixel images: /4 before layer1
+    "cifar": (3, 1, False),     # 32-pixel images: full resolution into layer1
+    "small": (3, 2, False),     # tiny CPU demos: /2 before layer1
+}
+
+
+@BACKBONES.register()
+class ResNet(nn.Layer):
+    """ResNet trunk: stem, four residual stages, global average pool.
+
+    Config keys (``model.backbone``):
+        depth: 18, 34, 50, 101 or 152; selects the block type and, unless
+            ``layers`` is given, the blocks per stage.
+        width_multiplier: widens the stem and every stage, as the SwAV paper's
+            ResNet-50 w2/w4/w5 (``out_channels`` 2048 x width_multiplier).
+        zero_init_residual: start each residual branch at zero (last BN gamma 0).
+        stem: ``imagenet`` (7x7/2 conv + 3x3/2 max-pool), ``cifar`` (3x3/1 conv,
+            no pool) or ``small`` (3x3/2 conv, no pool).
+        layers: residual blocks per stage, e.g. ``[1, 1, 1, 1]``; default from depth.
+        base_width: channels of the stem and first stage (64); stages double it.
+        data_format: ``NCHW`` or ``NHWC`` for the internal layers (NHWC can be
+            faster on GPUs with AMP); inputs are always NCHW.
+
+    ``forward(x)`` returns pooled features ``[N, out_channels]``;
+    ``feature_map(x)`` the last stage's map ``[N, out_channels, h, w]``.
+    """
+
+    def __init__(self, depth=50, width_multiplier=1, zero_init_residual=False, stem="imagenet",
+                 layers=None, base_width=64, data_format="NCHW"):
+        super().__init__()
+        if depth not in DEPTHS:
+            raise ConfigError(f"ResNet depth {depth!r} is not supported; choose one of "
+                              f"{', '.join(map(str, DEPTHS))}")
+        if stem not in STEMS:
+            raise ConfigError(f"ResNet stem {stem!r} is not supported; choose one of "
+                              f"{', '.join(STEMS)}")
+        if data_format not in ("NCHW", "NHWC"):
+            raise ConfigError(f"ResNet data_format {data_format!r} must be NCHW or NHWC")
+        block, default_layers = DEPTHS[depth]
+        layers = list(layers) if layers is not None else default_layers
+        if len(layers) != 4 or min(layers) < 1:
+            raise ConfigError(f"ResNet layers {layers!r} must be 4 positive block counts")
+        self.data_format = data_format
+
+        width = base_width * width_multiplier
+        kernel, stride, with_pool = STEMS[stem]
+        self.conv1, self.bn1 = conv_bn(3, width, kernel, stride, data_format)
+        self.relu = nn.ReLU()
+        self.maxpool = (nn.MaxPool2D(3, stride=2, padding=1, data_format=data_format)
+                        if with_pool else None)
+        in_channels = width
+        for index, blocks in enumerate(layers):
+            stage, in_channels = self._make_stage(block, in_channels, width * 2 ** index, blocks,
+                                                  stride=1 if index == 0 else 2)
+            setattr(self, f"layer{index + 1}", stage)
+        self.avgpool = nn.AdaptiveAvgPool2D(1, data_format=data_format)
+        self.out_channels = in_channels
+        self._init_weights(zero_init_residual)
+
+    def _make_stage(self, block, in_channels, planes, blocks, stride):
+        out_channels = planes * block.expansion
+        downsample = None
+        if stride != 1 or in_channels != out_channels:
+            downsample = nn.Sequential(*conv_bn(in_channels, out_channels, 1, stride,
+                                                self.data_format))
+        stage = [block(in_channels, planes, stride, downsample, self.data_format)]
+        stage += [block(out_channels, planes, 1, None, self.data_format) for _ in range(1, blocks)]
+        return nn.Sequential(*stage), out_channels
+
+    def _init_weights(self, zero_init_residual):
+        conv_init = nn.initializer.KaimingNormal(nonlinearity="relu", mode="fan_out")
+        for layer in self.sublayers():
+            if isinstance(layer, nn.Conv2D):
+                conv_init(layer.weight)
+            elif isinstance(layer, nn.BatchNorm2D):
+                nn.initializer.Constant(1.0)(layer.weight)
+                nn.initializer.Constant(0.0)(layer.bias)
+        if zero_init_residual:
+            for layer in self.sublayers():
+                if isinstance(layer, (BasicBlock, BottleneckBlock)):
+                    nn.initializer.Constant(0.0)(layer.last_bn().weight)
+
+    def _trunk(self, x):
+        """NCHW images -> the last stage's map in ``self.data_format``."""
+        if self.data_format == "NHWC":
+            x = x.transpose([0, 2, 3, 1])
+        x = self.relu(self.bn1(self.conv1(x)))
+        if self.maxpool is not None:
+            x = self.maxpool(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def feature_map(self, x):
+        """NCHW images -> the last stage's feature map ``[N, out_channels, h, w]``."""
+        x = self._trunk(x)
+        return x.transpose([0, 3, 1, 2]) if self.data_format == "NHWC" else x
+
+    def forward(self, x):
+        """NCHW images -> globally average-pooled features ``[N, out_channels]``."""
+        return paddle.flatten(self.avgpool(self._trunk(x)), 1)
