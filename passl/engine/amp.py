@@ -1,0 +1,75 @@
+"""Mixed precision for the trainer: ``paddle.amp.auto_cast`` and, for float16, a GradScaler.
+
+Config block ``amp`` (all optional)::
+
+    amp: {enable: false, dtype: float16, level: O1}
+
+``dtype: float16`` scales the loss (``paddle.amp.GradScaler``) so small gradients survive;
+``bfloat16`` has float32's range and needs no scaler. Only level ``O1`` (per-op casting,
+float32 parameters) is supported: ``O2`` keeps float16 parameters, which LARS would update
+without float32 master weights. Paddle 3.x has no autocast kernels on CPU (``auto_cast`` is a
+no-op there), so on CPU an enabled ``amp`` warns once and the run stays in float32. SwAV's
+Sinkhorn and softmax run in float32 regardless (the loss casts them).
+"""
+import contextlib
+
+import paddle
+
+from passl.errors import ConfigError
+from passl.utils.logger import get_logger
+
+DTYPES = ("float16", "bfloat16")
+KEYS = ("enable", "dtype", "level")
+
+
+class MixedPrecision:
+    """Forward under autocast, backward and step through the scaler when there is one."""
+
+    def __init__(self, cfg, device):
+        cfg = dict(cfg or {})
+        for key in cfg:
+            if key not in KEYS:
+                raise ConfigError(f"amp.{key}: unknown key; accepted keys: {', '.join(KEYS)}")
+        self.enabled = bool(cfg.get("enable", False))
+        self.dtype = cfg.get("dtype", "float16")
+        self.level = cfg.get("level", "O1")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"amp.dtype: expected one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.level != "O1":
+            raise ConfigError(f"amp.level: only O1 is supported (O2 keeps float16 parameters "
+                              f"without float32 master weights), got {self.level!r}")
+        if self.enabled and device == "cpu":
+            get_logger().warning("amp.enable: Paddle has no mixed-precision kernels on CPU; "
+                                 "training in float32 (set amp.enable=false to silence this)")
+            self.enabled = False
+        use_scaler = self.enabled and self.dtype == "float16"
+        self.scaler = paddle.amp.GradScaler() if use_scaler else None
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return paddle.amp.auto_cast(enable=True, dtype=self.dtype, level=self.level)
+
+    def backward(self, loss):
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, optimizer):
+        """Optimizer step; with a scaler the gradients are unscaled first and a step with
+        inf/NaN gradients is skipped (and the loss scale lowered)."""
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def describe(self):
+        if not self.enabled:
+            return "off (float32)"
+        return f"{self.dtype} {self.level}" + (" with loss scaling" if self.scaler else "")
+
+    def state_dict(self):
+        return self.scaler.state_dict() if self.scaler else {}
+
+    def set_state_dict(self, state):
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)

@@ -1,0 +1,309 @@
+"""Training checkpoints: what they hold, how they are written safely, found and read back.
+
+Layout: ``output_dir/checkpoints/epoch_N.pd`` (N = epochs completed) and
+``checkpoints/latest.pd``, a relative symlink to the newest complete one (a hard link where
+the file system has no symlinks). Opening ``latest.pd`` therefore opens a checkpoint, so any
+tool that reads checkpoints (``tools/extract_weight.py``) accepts it as is.
+
+Crash safety: a checkpoint is written to ``epoch_N.pd.tmp``, flushed to disk and renamed
+(``os.replace`` is atomic); only then is ``latest.pd`` swapped, again by renaming a freshly
+made link over it. A crash at any point leaves ``latest.pd`` pointing at a complete file.
+
+Content (one ``paddle.save`` dict, written by rank 0)::
+
+    kind, version          marker: refuse anything else with a one-line error
+    epoch, iter            epochs completed and optimizer steps done
+    model                  model.state_dict() (unwrapped: no DataParallel prefix)
+    optimizer              accumulators (LARS/SGD momentum, Adam moments) by parameter path
+    lr_scheduler           its state_dict (the iteration it is at)
+    amp_scaler             GradScaler state (float16 AMP), else {}
+    world_size             processes that wrote it
+    per_rank               one entry per rank: hook states (the SwAV queue) and RNG states
+    config                 the resolved config of the run
+
+Optimizer state is keyed by parameter path (``backbone.conv1.weight``) rather than by
+Paddle's generated tensor names (``conv2d_0.w_0_velocity_0``), which depend on how many
+layers the process created before; that keeps resuming correct in any process.
+"""
+import glob
+import os
+import random
+import re
+
+import numpy as np
+import paddle
+
+from passl import distributed
+from passl.errors import UserError
+
+KIND = "passl-training-checkpoint"
+VERSION = 1
+LATEST = "latest.pd"
+_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pd$")
+
+
+def checkpoint_dir(output_dir):
+    return os.path.join(output_dir, "checkpoints")
+
+
+# ---------------------------------------------------------------- random number generators
+
+def rng_state():
+    """Python, NumPy and Paddle (CPU and current device) generator states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "paddle_cpu": paddle.get_rng_state("cpu")}
+    if paddle.get_device() != "cpu":
+        state["paddle_device"] = paddle.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    paddle.set_rng_state(state["paddle_cpu"], "cpu")
+    if "paddle_device" in state:
+        paddle.set_rng_state(state["paddle_device"])
+
+
+# ---------------------------------------------------------------- optimizer state by path
+
+def optimizer_state(optimizer, model):
+    """``{accumulator: {parameter path: array}}`` of ``optimizer`` (see module doc)."""
+    path_of = {param.name: path for path, param in model.named_parameters()}
+    return {acc: {path_of[name]: tensor.numpy() for name, tensor in per_param.items()}
+            for acc, per_param in optimizer._accumulators.items()}
+
+
+def load_optimizer_state(optimizer, model, state):
+    """Inverse of :func:`optimizer_state`: creates the accumulators, then fills them."""
+    params = dict(model.named_parameters())
+    paths = sorted({path for per_param in state.values() for path in per_param})
+    unknown = [path for path in paths if path not in params]
+    if unknown:
+        raise UserError(f"checkpoint optimizer state names parameters this model does not have "
+                        f"({', '.join(unknown[:3])}); resume with the config it was trained with")
+    block = paddle.static.default_main_program().global_block()
+    optimizer._create_accumulators(block, [params[path] for path in paths])
+    for acc, per_param in state.items():
+        if acc not in optimizer._accumulators:
+            raise UserError(f"checkpoint optimizer state has {acc!r}, which "
+                            f"{type(optimizer).__name__} does not keep; resume with the "
+                            f"optimizer it was trained with")
+        for path, value in per_param.items():
+            optimizer._accumulators[acc][params[path].name].set_value(value)
+
+
+# ---------------------------------------------------------------- writing
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(state, path):
+    """``paddle.save`` to ``path`` via a temporary file and a rename; never a partial ``path``."""
+    tmp = path + ".tmp"
+    try:
+        paddle.save(state, tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _point_latest(directory, target_name):
+    """Atomically make ``directory/latest.pd`` refer to ``directory/target_name``."""
+    link, tmp = os.path.join(directory, LATEST), os.path.join(directory, LATEST + ".tmp")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.symlink(target_name, tmp)
+    except OSError:  # no symlinks here (e.g. Windows without the privilege)
+        os.link(os.path.join(directory, target_name), tmp)
+    os.replace(tmp, link)
+
+
+def epoch_checkpoints(directory):
+    """``[(epoch, path)]`` of the complete ``epoch_N.pd`` files in ``directory``, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(directory, "epoch_*.pd")):
+        match = _EPOCH_FILE.match(os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(state, directory, keep_last=None):
+    """Write ``state`` as ``epoch_{state['epoch']}.pd``, point ``latest.pd`` at it, prune.
+
+    Args:
+        keep_last: keep this many newest ``epoch_N.pd`` files up to this epoch (None or 0:
+            keep all).
+
+    Returns:
+        The path written.
+    """
+    os.makedirs(directory, exist_ok=True)
+    name = f"epoch_{state['epoch']}.pd"
+    path = os.path.join(directory, name)
+    write_atomic(state, path)
+    _point_latest(directory, name)
+    if keep_last:
+        # only files up to this epoch: a later-numbered file left by an earlier run in the
+        # same output_dir must not push out the checkpoints of this run
+        written = [p for epoch, p in epoch_checkpoints(directory) if epoch <= state["epoch"]]
+        for old in written[:-keep_last]:
+            os.remove(old)
+    return path
+
+
+# ---------------------------------------------------------------- finding and reading
+
+def latest_checkpoint(output_dir):
+    """Path of ``output_dir/checkpoints/latest.pd`` when it leads to a file, else None."""
+    link = os.path.join(checkpoint_dir(output_dir), LATEST)
+    return link if os.path.isfile(link) else None
+
+
+def resolve_resume_path(resume, output_dir):
+    """``--resume`` value to a checkpoint path: ``auto`` means the latest in ``output_dir``."""
+    if resume != "auto":
+        return resume
+    path = latest_checkpoint(output_dir)
+    if path is None:
+        raise UserError(f"--resume auto: no checkpoint in {checkpoint_dir(output_dir)} "
+                        f"(no {LATEST}); start without --resume, or pass --resume PATH")
+    return path
+
+
+def load_checkpoint(path):
+    """The checkpoint dict at ``path``, after checking that it is one this code can resume."""
+    if not os.path.isfile(path):
+        raise UserError(f"--resume {path}: file not found")
+    try:
+        state = paddle.load(path)
+    except Exception as e:  # paddle.load raises several types for files it cannot parse
+        raise UserError(f"--resume {path}: not a file written by paddle.save "
+                        f"({type(e).__name__}); pass output_dir/checkpoints/epoch_N.pd") from None
+    if not isinstance(state, dict):
+        raise UserError(f"--resume {path}: not a PASSL training checkpoint "
+                        f"(holds a {type(state).__name__})")
+    if "kind" not in state:
+        raise UserError(f"--resume {path}: a weights file, not a training checkpoint; use it "
+                        f"with --pretrained (backbone) or --load (whole model)")
+    if state["kind"] != KIND:
+        raise UserError(f"--resume {path}: checkpoint kind {state['kind']!r}, expected {KIND!r}")
+    if state.get("version", 0) > VERSION:
+        raise UserError(f"--resume {path}: checkpoint version {state['version']} is newer than "
+                        f"this code reads ({VERSION}); update PASSL")
+    return state
+
+
+# ---------------------------------------------------------------- a trainer's whole state
+
+def _to_numpy(value):
+    if isinstance(value, paddle.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_numpy(v) for v in value)
+    return value
+
+
+def hook_key(hooks, index):
+    """Name a hook's state by its class, with a suffix when a class appears twice."""
+    name = type(hooks[index]).__name__
+    same = [i for i, h in enumerate(hooks) if type(h).__name__ == name]
+    return name if len(same) == 1 else f"{name}.{same.index(index)}"
+
+
+def capture(trainer):
+    """The checkpoint dict of ``trainer`` at an epoch boundary; collective, all ranks call it.
+
+    Returns the dict on rank 0 and None elsewhere (only rank 0 writes).
+    """
+    hooks = trainer.hooks
+    local = {"hooks": {hook_key(hooks, i): _to_numpy(h.state_dict()) for i, h in enumerate(hooks)},
+             "rng": rng_state()}
+    per_rank = distributed.all_gather_object(local)
+    if trainer.rank != 0:
+        return None
+    return {
+        "kind": KIND, "version": VERSION,
+        "epoch": trainer.epoch + 1, "iter": trainer.iter,
+        "model": trainer.model.state_dict(),
+        "optimizer": optimizer_state(trainer.optimizer, trainer.model),
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "amp_scaler": trainer.amp.state_dict(),
+        "world_size": trainer.world_size,
+        "per_rank": per_rank,
+        "config": trainer.cfg.to_dict() if hasattr(trainer.cfg, "to_dict") else dict(trainer.cfg),
+    }
+
+
+def _check_model_keys(model, saved, path):
+    own = model.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    mismatched = [k for k in own if k in saved and list(own[k].shape) != list(saved[k].shape)]
+    if missing or unexpected or mismatched:
+        details = "; ".join(f"{len(keys)} {kind} ({', '.join(keys[:3])})" for kind, keys in
+                            (("missing", missing), ("unexpected", unexpected),
+                             ("shape-mismatched", mismatched)) if keys)
+        raise UserError(f"{path}: the checkpoint's model does not fit this config's model: "
+                        f"{details}; use the config it was trained with (saved in the checkpoint "
+                        f"and in its output_dir/config.yaml)")
+
+
+def load_model_weights(model, path):
+    """``--load``: the full model state from a training checkpoint or a model state dict."""
+    if not os.path.isfile(path):
+        raise UserError(f"--load {path}: file not found")
+    try:
+        state = paddle.load(path)
+    except Exception as e:
+        raise UserError(f"--load {path}: not a file written by paddle.save "
+                        f"({type(e).__name__})") from None
+    if isinstance(state, dict) and state.get("kind") == KIND:
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise UserError(f"--load {path}: expected a checkpoint or a model state dict")
+    _check_model_keys(model, state, f"--load {path}")
+    model.set_state_dict(state)
+
+
+def restore(trainer, state, path):
+    """Put a checkpoint's state into ``trainer``; returns this rank's RNG state to set later.
+
+    The RNG state is returned instead of applied so that the trainer can set it right before
+    the first resumed epoch, after start-up work that may draw random numbers.
+    """
+    _check_model_keys(trainer.model, state["model"], f"--resume {path}")
+    trainer.model.set_state_dict(state["model"])
+    load_optimizer_state(trainer.optimizer, trainer.model, state["optimizer"])
+    trainer.lr_scheduler.set_state_dict(state["lr_scheduler"])
+    if state.get("amp_scaler"):
+        trainer.amp.set_state_dict(state["amp_scaler"])
+    trainer.start_epoch, trainer.iter = int(state["epoch"]), int(state["iter"])
+    saved_world = int(state["world_size"])
+    if saved_world != trainer.world_size:
+        if any(any(rank_state["hooks"].values()) for rank_state in state["per_rank"]):
+            raise UserError(f"--resume {path}: written by {saved_world} processes, this run has "
+                            f"{trainer.world_size}; its per-process state (e.g. the SwAV queue) "
+                            f"cannot be split differently: resume with {saved_world} processes")
+        trainer.logger.warning(f"resuming a {saved_world}-process checkpoint with "
+                               f"{trainer.world_size} processes: model and optimizer are "
+                               f"restored, the random streams start afresh")
+        return None
+    own = state["per_rank"][trainer.rank]
+    hooks = trainer.hooks
+    for i, hook in enumerate(hooks):
+        key = hook_key(hooks, i)
+        if own["hooks"].get(key):
+            hook.set_state_dict(own["hooks"][key])
+    return own["rng"]

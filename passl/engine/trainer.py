@@ -1,0 +1,251 @@
+"""The training loop: builds everything from the config, runs epochs of steps, calls hooks.
+
+The trainer knows no method by name. A model maps a batch to ``{'loss', 'logs'}``; the
+trainer does the backward pass, the optimizer and lr steps and fires the hook events;
+method-specific behaviour (SwAV's prototype freezing and queue) lives in hooks, and so do
+checkpoints, logging and health checks.
+
+Evaluation: a hook with a method ``evaluate(trainer) -> {metric: value}`` is an evaluator.
+:meth:`Trainer.evaluate` runs every evaluator and writes one ``eval`` record to
+``metrics.jsonl``; during training it runs every ``eval_interval`` epochs and after the last
+one, before the ``after_epoch`` hooks (so a checkpoint includes what evaluation changed).
+An evaluator typically loops over ``trainer.val_loader`` with ``trainer.model`` in eval
+mode (``passl.evaluation.classification.evaluate``) or builds its own loaders (kNN).
+"""
+import os
+
+import paddle
+
+from passl import distributed
+from passl.config import ConfigDict, save_config
+from passl.data import build_dataloader, set_loader_epoch
+from passl.engine import checkpoint
+from passl.engine.amp import MixedPrecision
+from passl.engine.hooks import HOOKS
+from passl.engine.metrics_log import MetricsLog
+from passl.errors import ConfigError, UserError
+from passl.models import MODELS
+from passl.models.weights import load_pretrained
+from passl.registry import key_path_of
+from passl.runtime import configure_cpu_threads, seed_everything, select_device
+from passl.solver.lr_scheduler import build_lr_scheduler
+from passl.solver.optimizers import build_optimizer
+from passl.utils.logger import setup_logger
+
+#: Hooks every run has; a ``hooks`` entry with the same name replaces the default one.
+DEFAULT_HOOKS = ("CheckpointHook", "LoggerHook", "HealthHook")
+
+
+class Trainer:
+    """Train (or evaluate) the config's model; one code path for CPU/GPU and 1..N processes.
+
+    Args:
+        cfg: the loaded config (:func:`passl.config.load_config`).
+        resume: a checkpoint path, or ``'auto'`` for ``output_dir/checkpoints/latest.pd``;
+            restores model, optimizer, schedule, AMP scaler, hook states, RNG and position.
+        pretrained: a weights file loaded into ``model.backbone`` (a linear evaluation).
+        load: a checkpoint (or model state dict) loaded into the whole model.
+        pretrained_strict: refuse pretrained weights that do not fit the backbone exactly
+            (missing, unexpected or mis-shaped tensors); false loads the matching ones.
+
+    Attributes hooks may use (besides those in :class:`~passl.engine.hooks.base.Hook`):
+        ``batch_images`` (images in this step's batch on this process, ``labels.shape[0]``),
+        ``start_epoch`` (first epoch this process runs), ``completed`` (the loop finished),
+        ``amp`` (:class:`~passl.engine.amp.MixedPrecision`), ``device``, ``hooks``.
+    """
+
+    def __init__(self, cfg, resume=None, pretrained=None, load=None, pretrained_strict=True):
+        self.cfg = cfg
+        self.output_dir = cfg.get("output_dir") or "output"
+        self.epochs = cfg.get("epochs")
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ConfigError(f"epochs: expected a positive integer, got {self.epochs!r}")
+        self._start_up()
+        self.model = self._build_model(pretrained, pretrained_strict, load)
+        loaders = cfg.get("dataloader") or {}
+        if "train" not in loaders:
+            raise ConfigError("dataloader.train: missing; the trainer needs a train loader")
+        seed = cfg.get("seed", 0)
+        self.train_loader = build_dataloader(loaders["train"], mode="train", seed=seed)
+        self.val_loader = build_dataloader(loaders["val"], mode="val", seed=seed) \
+            if loaders.get("val") else None
+        self._derive_run_values()
+        self.lr_scheduler = build_lr_scheduler(cfg.get("lr_scheduler"), self.epochs,
+                                               self.iters_per_epoch, self.global_batch_size)
+        self.optimizer = build_optimizer(cfg.get("optimizer"), self.model, self.lr_scheduler,
+                                         grad_clip=cfg.get("grad_clip"))
+        self.amp = MixedPrecision(cfg.get("amp"), self.device)
+        self.logger.info(f"mixed precision: {self.amp.describe()}")
+        self.wrapped_model = paddle.DataParallel(self.model) if self.world_size > 1 else self.model
+        self.hooks = self._build_hooks()
+        self.evaluators = [h for h in self.hooks if callable(getattr(h, "evaluate", None))]
+        self.metrics = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl"),
+                                  enabled=self.rank == 0)
+        self.start_epoch = self.epoch = self.iter = self.inner_iter = 0
+        self.outputs, self.batch_images, self.completed = None, 0, False
+        self.resumed_rng = None
+        if resume:
+            self._resume(resume)
+
+    # ------------------------------------------------------------------ building
+
+    def _start_up(self):
+        cfg = self.cfg
+        threads = configure_cpu_threads(cfg.get("threads", "auto"))  # idempotent
+        self.device = select_device(cfg.get("device", "auto"))
+        self.world_size = distributed.init_process_group()
+        self.rank = distributed.get_rank()
+        self.logger = setup_logger(self.output_dir, self.rank)
+        seed_everything(cfg.get("seed", 0), self.rank)
+        if self.rank == 0:
+            save_config(cfg, os.path.join(self.output_dir, "config.yaml"))
+        self.logger.info(f"device {self.device}, {self.world_size} process(es), "
+                         f"{threads['threads']} CPU thread(s) per process "
+                         f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
+                         f"MKL_DEBUG_CPU_TYPE={threads['MKL_DEBUG_CPU_TYPE']}); "
+                         f"output in {self.output_dir}")
+
+    def _build_model(self, pretrained, pretrained_strict, load):
+        if not self.cfg.get("model"):
+            raise ConfigError("model: missing block; add e.g. `model: {name: SwAV, ...}`")
+        model = MODELS.build(self.cfg["model"])
+        if pretrained:
+            if not hasattr(model, "backbone"):
+                raise UserError(f"--pretrained: {type(model).__name__} has no backbone to load "
+                                f"weights into")
+            load_pretrained(model.backbone, pretrained, strict=pretrained_strict)
+            self.logger.info(f"backbone weights loaded from {pretrained}")
+        if load:
+            checkpoint.load_model_weights(model, load)
+            self.logger.info(f"model weights loaded from {load}")
+        return self._maybe_sync_bn(model)
+
+    def _maybe_sync_bn(self, model):
+        """``sync_bn: true``: SyncBatchNorm on GPU with several processes (Paddle has no CPU
+        kernel for it, so CPU keeps per-process BatchNorm statistics, with a warning)."""
+        if not self.cfg.get("sync_bn", False) or self.world_size == 1:
+            return model
+        if self.device != "gpu":
+            self.logger.warning("sync_bn: Paddle has no SyncBatchNorm on CPU; keeping BatchNorm "
+                                "with per-process batch statistics")
+            return model
+        self.logger.info("sync_bn: BatchNorm layers converted to SyncBatchNorm")
+        return paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def _derive_run_values(self):
+        """Global batch and iterations, computed once here from the loader and logged.
+
+        The lr schedule and SwAV's queue/freeze lengths derive from these values, never from
+        iteration counts written in the config.
+        """
+        per_process = self.train_loader.batch_sampler.batch_size
+        self.global_batch_size = per_process * self.world_size
+        self.iters_per_epoch = len(self.train_loader)
+        self.logger.info(f"global batch {self.global_batch_size} = {per_process} per process x "
+                         f"{self.world_size} process(es); {self.iters_per_epoch} iterations per "
+                         f"epoch x {self.epochs} epochs = {self.iters_per_epoch * self.epochs} "
+                         f"iterations")
+
+    def _build_hooks(self):
+        blocks = self.cfg.get("hooks") or []
+        if not isinstance(blocks, list):
+            raise ConfigError(f"hooks: expected a list of hook blocks, got {blocks!r}")
+        listed = [block.get("name") for block in blocks if isinstance(block, dict)]
+        for name in DEFAULT_HOOKS:
+            if listed.count(name) > 1:
+                raise ConfigError(f"hooks: {name} is listed twice; keep one block")
+        blocks = list(blocks) + [{"name": name} for name in DEFAULT_HOOKS if name not in listed]
+        hooks = [HOOKS.build(self._with_log_interval(block)) for block in blocks]
+        return sorted(hooks, key=lambda hook: hook.priority)
+
+    def _with_log_interval(self, block):
+        """The top-level ``log_interval`` reaches LoggerHook unless its block sets its own."""
+        if not isinstance(block, dict) or block.get("name") != "LoggerHook" \
+                or "log_interval" in block or "log_interval" not in self.cfg:
+            return block
+        return ConfigDict({**block, "log_interval": self.cfg["log_interval"]},
+                          key_path=key_path_of(block, "hooks.LoggerHook"),
+                          source=getattr(block, "source", None))
+
+    def _resume(self, resume):
+        path = checkpoint.resolve_resume_path(resume, self.output_dir)
+        state = checkpoint.load_checkpoint(path)
+        self.resumed_rng = checkpoint.restore(self, state, path)
+        self.epoch = self.start_epoch
+        self.metrics.truncate_after(self.iter)
+        self.logger.info(f"resumed from {path}: {self.start_epoch} epoch(s), {self.iter} "
+                         f"iterations done")
+
+    # ------------------------------------------------------------------ running
+
+    def call_hooks(self, event):
+        for hook in self.hooks:
+            getattr(hook, event)(self)
+
+    def train(self):
+        """Run the remaining epochs; ``after_run`` hooks run even when a step fails."""
+        self.completed = False
+        if self.start_epoch == 0 and self.metrics.start_fresh():
+            self.logger.info("a new run: the earlier metrics.jsonl of this output_dir was moved "
+                             "to metrics.previous.jsonl")
+        try:
+            self.call_hooks("before_run")
+            if self.resumed_rng is not None:  # last: start-up may have drawn random numbers
+                checkpoint.set_rng_state(self.resumed_rng)
+                self.resumed_rng = None
+            for self.epoch in range(self.start_epoch, self.epochs):
+                self.train_epoch()
+            self.completed = True
+        finally:
+            self.call_hooks("after_run")
+
+    def train_epoch(self):
+        set_loader_epoch(self.train_loader, self.epoch)
+        self.model.train()
+        self.call_hooks("before_epoch")
+        for self.inner_iter, batch in enumerate(self.train_loader):
+            self.call_hooks("before_iter")
+            self.run_step(batch)
+            self.call_hooks("after_iter")
+            self.lr_scheduler.step()
+            self.iter += 1
+        done = self.epoch + 1
+        interval = self.cfg.get("eval_interval", 1)
+        if self.evaluators and (done % interval == 0 or done == self.epochs):
+            self._run_evaluators(epoch=done)
+        self.call_hooks("after_epoch")
+
+    def run_step(self, batch):
+        """One optimisation step on ``batch`` = ``(inputs, labels)``.
+
+        Override to change what a step does (e.g. gradient accumulation); hooks see the
+        model's ``outputs`` after the forward pass and the gradients in ``after_backward``.
+        Gradients are cleared to None, not zero, so a parameter that gets no gradient in a
+        step (SwAV's frozen prototypes) is skipped by the optimizer: no decay, no momentum.
+        """
+        self.batch_images = int(batch[1].shape[0])
+        with self.amp.autocast():
+            self.outputs = self.wrapped_model(batch)
+        self.amp.backward(self.outputs["loss"])
+        self.call_hooks("after_backward")
+        self.amp.step(self.optimizer)  # gradient clipping (grad_clip) happens inside
+        self.optimizer.clear_grad(set_to_zero=False)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self):
+        """Run every evaluator hook on the current weights; returns ``{metric: value}``."""
+        if not self.evaluators:
+            raise UserError("nothing to evaluate: no hook in the config's `hooks` has an "
+                            "evaluate() method; add an evaluation hook (see docs/training.md)")
+        return self._run_evaluators(epoch=self.start_epoch)
+
+    def _run_evaluators(self, epoch):
+        results = {}
+        for hook in self.evaluators:
+            results.update(hook.evaluate(self))
+        self.metrics.write({"type": "eval", "epoch": epoch, "iter": self.iter, **results})
+        self.logger.info(f"evaluation after epoch {epoch}: "
+                         + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in results.items()))
+        return results

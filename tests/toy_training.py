@@ -1,0 +1,141 @@
+"""Test-only components for the engine tests, registered under ``ToyEngine*`` names.
+
+A norm-free MLP that regresses a fixed random "teacher" network, a synthetic dataset whose
+samples get NumPy noise at load time (so exact resuming needs the RNG state), an evaluator
+hook, and hooks that inject failures. Subprocess tests run ``tests/toy_train_cli.py``, which
+imports this module and then runs ``tools/train.py``.
+"""
+import os
+import signal
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import yaml
+
+from passl.data import DATASETS
+from passl.engine.hooks import HOOKS, Hook
+from passl.evaluation.classification import evaluate as classification_evaluate
+from passl.models import MODELS
+
+DIM, CLASSES = 8, 4
+
+
+def teacher_outputs(x):
+    """The fixed function the toy model learns: ``tanh(x @ W)`` for a seeded ``W``."""
+    weight = np.random.RandomState(123).randn(DIM, CLASSES).astype("float32")
+    return np.tanh(x @ weight)
+
+
+@DATASETS.register("ToyEngineDataset")
+class ToyEngineDataset(paddle.io.Dataset):
+    """``size`` fixed vectors; each load adds ``noise`` x N(0, 1) from NumPy's global RNG."""
+
+    def __init__(self, size=32, noise=0.1, seed=0):
+        self.x = np.random.RandomState(seed).randn(size, DIM).astype("float32")
+        self.labels = teacher_outputs(self.x).argmax(axis=1).astype("int64")
+        self.noise = noise
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        x = self.x[index] + self.noise * np.random.randn(DIM).astype("float32")
+        return x.astype("float32"), self.labels[index]
+
+
+@MODELS.register("ToyEngineModel")
+class ToyEngineModel(nn.Layer):
+    """MLP without normalisation layers; loss = MSE to the teacher. ``dropout`` uses Paddle's
+    RNG. ``poisoned`` (set by a test hook) turns the loss into NaN."""
+
+    def __init__(self, hidden=16, dropout=0.0):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(DIM, hidden), nn.Tanh(), nn.Dropout(dropout))
+        self.head = nn.Linear(hidden, CLASSES)
+        self.teacher = paddle.to_tensor(np.random.RandomState(123).randn(DIM, CLASSES)
+                                        .astype("float32"))
+        self.poisoned = False
+
+    def forward(self, batch):
+        x, labels = batch
+        out = self.head(self.backbone(x))
+        if not self.training:
+            return {"logits": out, "labels": labels}
+        loss = ((out - paddle.tanh(x @ self.teacher)) ** 2).mean()
+        if self.poisoned:
+            loss = loss * float("nan")
+        return {"loss": loss, "logs": {"abs_out": out.abs().mean()}}
+
+
+@HOOKS.register("ToyEngineAccuracy")
+class ToyEngineAccuracy(Hook):
+    """Evaluator: top-1 of the toy model on the val loader."""
+
+    def evaluate(self, trainer):
+        result = classification_evaluate(trainer.model, trainer.val_loader, ks=(1,))
+        return {"top1": result["top1"]}
+
+
+@HOOKS.register("ToyEngineKill")
+class ToyEngineKill(Hook):
+    """SIGKILLs its own process at (epoch, inner_iter) of a run that did not resume."""
+
+    def __init__(self, epoch, inner_iter):
+        self.at = (epoch, inner_iter)
+
+    def before_iter(self, trainer):
+        if trainer.start_epoch == 0 and (trainer.epoch, trainer.inner_iter) == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@HOOKS.register("ToyEngineNaN")
+class ToyEngineNaN(Hook):
+    """Makes the model's loss NaN from global iteration ``at_iter`` on."""
+
+    def __init__(self, at_iter):
+        self.at_iter = at_iter
+
+    def before_iter(self, trainer):
+        trainer.model.poisoned = trainer.iter >= self.at_iter
+
+
+@HOOKS.register("ToyEngineDumpParams")
+class ToyEngineDumpParams(Hook):
+    """Saves this process's parameters to ``output_dir/params.rank{R}.npz`` after the run."""
+
+    def after_run(self, trainer):
+        np.savez(os.path.join(trainer.output_dir, f"params.rank{trainer.rank}.npz"),
+                 **{name: p.numpy() for name, p in trainer.model.named_parameters()})
+
+
+def toy_config(output_dir, epochs=3, batch_size=8, size=32, hooks=(), val=False, **top_level):
+    """A plain-dict config for the toy run (pass ``hooks`` as a list of blocks)."""
+    data = {"dataset": {"name": "ToyEngineDataset", "size": size},
+            "sampler": {"batch_size": batch_size}}
+    cfg = {
+        "epochs": epochs, "output_dir": str(output_dir), "seed": 7, "device": "cpu",
+        "threads": 1, "log_interval": 1,
+        "model": {"name": "ToyEngineModel", "dropout": 0.2},
+        "dataloader": {"train": data},
+        "optimizer": {"name": "LARS", "weight_decay": 1e-4, "trust_coefficient": 0.1},
+        "lr_scheduler": {"name": "CosineWarmup", "base_lr": 1.0, "final_lr": 0.01,
+                         "warmup_epochs": 1, "start_warmup": 0.1},
+        "hooks": [{"name": "LoggerHook", "progress_bar": False}, *hooks],
+    }
+    if val:
+        cfg["dataloader"]["val"] = {"dataset": {"name": "ToyEngineDataset", "size": 16, "seed": 1,
+                                                "noise": 0.0},
+                                    "sampler": {"batch_size": 8}}
+    cfg.update(top_level)
+    return cfg
+
+
+def write_config(cfg, path):
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
