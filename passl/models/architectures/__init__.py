@@ -1,1 +1,3 @@
 """Importing this package registers its modules."""
+from passl.models.architectures import swav  # noqa: F401
+from passl.models.architectures import classification  # noqa: F401

@@ -1,0 +1,99 @@
+"""Weighted k-nearest-neighbour classification of frozen features (InstDisc / DINO protocol).
+
+The pooled backbone features of the train set, L2-normalised, form the memory bank; every val
+image is a query. Its ``k`` most cosine-similar bank entries vote for their labels with weight
+``exp(similarity / temperature)``, and the class with the largest summed vote is the
+prediction. No parameters are trained, so the score measures the features alone; it is the
+way to watch self-supervised pretraining without training a classifier.
+"""
+import paddle
+import paddle.nn.functional as F
+
+from passl import distributed
+from passl.errors import UserError
+from passl.evaluation.metrics import TopKEvaluator
+
+# Queries scored against the whole bank at once: bounds the [queries, bank] similarity matrix.
+QUERY_CHUNK = 1024
+
+
+def gather_rows(tensor):
+    """Rows of ``tensor`` from every rank, in rank order (ranks may hold different counts)."""
+    if distributed.get_world_size() == 1:
+        return tensor
+    counts = distributed.all_gather_object(int(tensor.shape[0]))
+    padding = max(counts) - tensor.shape[0]
+    if padding:
+        filler = paddle.zeros([padding] + list(tensor.shape[1:]), dtype=tensor.dtype)
+        tensor = paddle.concat([tensor, filler])
+    stacked = distributed.all_gather(tensor, axis=0)
+    step = max(counts)
+    return paddle.concat([stacked[rank * step: rank * step + n] for rank, n in enumerate(counts)])
+
+
+def extract_features(model, loader, gather=True):
+    """L2-normalised ``model.extract_features`` of every image in ``loader``, with labels.
+
+    Runs in eval mode without gradients (the model gets its mode back). With ``gather``
+    the result holds every rank's share, otherwise only this rank's.
+
+    Returns:
+        ``(features [N, C] float32, labels [N] int64)``.
+    """
+    features, labels = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with paddle.no_grad():
+            for images, batch_labels in loader:
+                pooled = model.extract_features(images).astype("float32")
+                features.append(F.normalize(pooled, axis=1))
+                labels.append(batch_labels.reshape([-1]).astype("int64"))
+    finally:
+        if was_training:
+            model.train()
+    if not features:
+        raise UserError("kNN: a loader yielded no images; check its dataset root/size")
+    features, labels = paddle.concat(features), paddle.concat(labels)
+    if gather:
+        features, labels = gather_rows(features), gather_rows(labels)
+    return features, labels
+
+
+def knn_votes(queries, bank, bank_labels, num_classes, k=20, temperature=0.07):
+    """Summed ``exp(sim / temperature)`` votes per class for each query: ``[Q, num_classes]``.
+
+    ``queries`` and ``bank`` are L2-normalised, so their dot product is the cosine similarity.
+    """
+    k = min(k, bank.shape[0])
+    similarity = paddle.matmul(queries, bank, transpose_y=True)        # [Q, N]
+    top_similarity, top_index = paddle.topk(similarity, k=k, axis=1)   # [Q, k]
+    neighbour_labels = paddle.gather(bank_labels, top_index.reshape([-1])).reshape(top_index.shape)
+    weights = paddle.exp(top_similarity / temperature)
+    one_hot = F.one_hot(neighbour_labels, num_classes)                 # [Q, k, C]
+    return (one_hot * weights.unsqueeze(-1)).sum(axis=1)
+
+
+def knn_evaluate(model, train_loader, val_loader, k=20, temperature=0.07, ks=(1, 5)):
+    """kNN accuracy (percent) of ``model``'s features: train set as bank, val set as queries.
+
+    Every rank holds the whole bank (gathered) and scores its own queries; the hits are summed
+    over ranks. Returns ``{'knn_top1': float, 'knn_top5': float, 'count': queries}``.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or not temperature > 0:
+        raise UserError(f"kNN: k must be a positive integer and temperature a positive number, "
+                        f"got k={k!r}, temperature={temperature!r}")
+    bank, bank_labels = extract_features(model, train_loader, gather=True)
+    queries, query_labels = extract_features(model, val_loader, gather=False)
+    if int(bank_labels.min()) < 0:
+        raise UserError("kNN needs labelled train images, but the train loader yields label -1 "
+                        "(unlabelled); use a dataset with class labels for the memory bank")
+    num_classes = int(bank_labels.max()) + 1
+    evaluator = TopKEvaluator(ks)
+    with paddle.no_grad():
+        for start in range(0, queries.shape[0], QUERY_CHUNK):
+            chunk = slice(start, start + QUERY_CHUNK)
+            votes = knn_votes(queries[chunk], bank, bank_labels, num_classes, k, temperature)
+            evaluator.update(votes, query_labels[chunk])
+    result = evaluator.result()
+    return {("knn_" + key if key.startswith("top") else key): value for key, value in result.items()}

@@ -1,0 +1,76 @@
+"""Linear classification on top of a (frozen) backbone: the SwAV linear-evaluation protocol."""
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from passl.errors import ConfigError
+from passl.evaluation.metrics import topk_accuracy
+from passl.models.registry import BACKBONES, MODELS
+
+
+@MODELS.register()
+class Classification(nn.Layer):
+    """A backbone followed by one linear layer.
+
+    With ``freeze_backbone`` (the linear protocol) the backbone gets no gradient and always
+    runs in eval mode, so its BatchNorm layers use and keep their pretrained running
+    statistics even while the classifier trains; only the linear layer learns.
+
+    Args:
+        backbone: config block of the backbone (``BACKBONES``); its forward returns pooled
+            ``[B, C]`` features (global average pooling is part of the backbone).
+        num_classes: number of output classes.
+        in_dim: feature width ``C``; defaults to ``backbone.out_channels``.
+        freeze_backbone: train only the linear layer (True) or fine-tune everything.
+        topk: the top-k accuracies logged during training.
+    """
+
+    def __init__(self, backbone, num_classes, in_dim=None, freeze_backbone=True, topk=(1, 5)):
+        super().__init__()
+        self.backbone = BACKBONES.build(backbone)
+        if in_dim is None:
+            in_dim = getattr(self.backbone, "out_channels", None)
+            if in_dim is None:
+                raise ConfigError(f"model.in_dim: backbone {type(self.backbone).__name__} has no "
+                                  "'out_channels'; set in_dim to its feature width")
+        self.freeze_backbone = freeze_backbone
+        self.topk = tuple(topk)
+        # The paper's initialisation of the linear classifier: N(0, 0.01) weights, zero bias.
+        self.fc = nn.Linear(
+            in_dim, num_classes,
+            weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(0.0, 0.01)),
+            bias_attr=paddle.ParamAttr(initializer=nn.initializer.Constant(0.0)))
+        if freeze_backbone:
+            for param in self.backbone.parameters():
+                param.stop_gradient = True
+            self._hold_backbone_in_eval()
+
+    def _hold_backbone_in_eval(self):
+        """Put a frozen backbone in eval mode (BN uses and keeps its running statistics).
+
+        Sets the sublayers' flags directly: ``Layer.eval()`` would also switch Paddle's global
+        tracer to eval mode while the classifier itself trains.
+        """
+        if self.freeze_backbone:
+            for layer in self.backbone.sublayers(include_self=True):
+                layer.training = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        self._hold_backbone_in_eval()
+        return self
+
+    def extract_features(self, images):
+        """Pooled backbone features ``[B, C]`` (what kNN and the linear layer see)."""
+        return self.backbone(images)
+
+    def forward(self, batch):
+        images, labels = batch
+        # A wrapper's train() (e.g. paddle.DataParallel's) sets every sublayer's flag
+        # directly, bypassing the override above; re-assert eval mode before every step.
+        self._hold_backbone_in_eval()
+        logits = self.fc(self.extract_features(images))
+        if not self.training:
+            return {"logits": logits, "labels": labels}
+        loss = F.cross_entropy(logits, labels.reshape([-1, 1]).astype("int64"))
+        return {"loss": loss, "logs": topk_accuracy(logits.detach(), labels, self.topk)}

@@ -1,0 +1,148 @@
+"""Backbone weight files: cut them out of training checkpoints and load them into a model.
+
+A weights file (``.pdparams``) is a flat ``{name: Tensor}`` state dict written by
+``paddle.save``. :func:`extract_weights` (``tools/extract_weight.py``) keeps the tensors of a
+checkpoint's model whose names start with a prefix (``backbone.`` by default);
+:func:`load_pretrained` (``tools/train.py --pretrained``, ``tools/knn_eval.py --pretrained``)
+loads such a file into a layer and refuses, by default, a file that does not fit it exactly.
+"""
+import os
+from collections import OrderedDict
+
+import numpy as np
+import paddle
+
+from passl.engine.checkpoint import KIND as CHECKPOINT_KIND
+from passl.errors import UserError
+from passl.utils.logger import get_logger
+
+WEIGHTS_SUFFIX = ".pdparams"
+BACKBONE_PREFIX = "backbone."
+# How many names an error message shows before "...".
+SHOWN_NAMES = 3
+
+
+def _names(keys):
+    keys = list(keys)
+    shown = ", ".join(keys[:SHOWN_NAMES])
+    return shown + (", ..." if len(keys) > SHOWN_NAMES else "")
+
+
+def _num_values(tensor):
+    return int(np.prod(tensor.shape)) if len(tensor.shape) else 1
+
+
+def _load_file(path, what):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path}: file not found")
+    try:
+        return paddle.load(path)
+    except Exception as e:  # paddle.load raises several types for a file it cannot parse
+        raise UserError(f"{what} {path}: not a file written by paddle.save "
+                        f"({type(e).__name__})") from None
+
+
+def read_checkpoint(path):
+    """The training checkpoint dict at ``path`` (``epoch_N.pd``, or ``latest.pd`` linking to one).
+
+    Accepts any ``paddle.save`` dict with a ``'model'`` state dict; one carrying the engine's
+    ``kind`` marker must be a training checkpoint.
+    """
+    checkpoint = _load_file(path, "checkpoint")
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise UserError(f"checkpoint {path}: not a training checkpoint (no 'model' state dict; "
+                        f"weights files are already extracted); pass "
+                        f"OUTPUT_DIR/checkpoints/epoch_N.pd or latest.pd of a training run")
+    if checkpoint.get("kind", CHECKPOINT_KIND) != CHECKPOINT_KIND:
+        raise UserError(f"checkpoint {path}: kind {checkpoint['kind']!r}, expected "
+                        f"{CHECKPOINT_KIND!r}")
+    return checkpoint
+
+
+def select_prefix(state_dict, prefix="backbone", remove_prefix=False):
+    """The entries of ``state_dict`` named ``prefix.*``, optionally without ``prefix.``."""
+    start = prefix.rstrip(".") + "."
+    selected = OrderedDict((name[len(start):] if remove_prefix else name, tensor)
+                           for name, tensor in state_dict.items() if name.startswith(start))
+    if not selected:
+        present = sorted({name.split(".")[0] for name in state_dict})
+        raise UserError(f"no tensor named '{start}*' in the checkpoint's model; top-level "
+                        f"prefixes present: {', '.join(present) or 'none'}; choose one with --prefix")
+    return selected
+
+
+def extract_weights(checkpoint_path, output_path, prefix="backbone", remove_prefix=False):
+    """Write the ``prefix.*`` tensors of a checkpoint's model to ``output_path``.
+
+    Returns:
+        ``{'tensors': count, 'values': total number of scalars, 'output': output_path}``.
+    """
+    if not output_path.endswith(WEIGHTS_SUFFIX):
+        raise UserError(f"--output {output_path}: weights files end in {WEIGHTS_SUFFIX} "
+                        f"(e.g. --output backbone{WEIGHTS_SUFFIX})")
+    model_state = read_checkpoint(checkpoint_path)["model"]
+    weights = select_prefix(model_state, prefix, remove_prefix)
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    paddle.save(weights, output_path)
+    return {"tensors": len(weights),
+            "values": sum(_num_values(t) for t in weights.values()),
+            "output": output_path}
+
+
+def read_weights(path):
+    """The flat state dict of a ``.pdparams`` weights file."""
+    weights = _load_file(path, "weights")
+    if isinstance(weights, dict) and isinstance(weights.get("model"), dict):
+        raise UserError(f"weights {path}: this is a training checkpoint, not a weights file; "
+                        f"extract the backbone first: python tools/extract_weight.py {path} "
+                        f"--output backbone{WEIGHTS_SUFFIX} --remove_prefix")
+    if not isinstance(weights, dict) or not weights:
+        raise UserError(f"weights {path}: expected a non-empty {{name: tensor}} state dict")
+    return weights
+
+
+def _strip_backbone_prefix(weights, expected):
+    """Accept files extracted without --remove_prefix: ``backbone.x`` loads into ``x``."""
+    if expected.keys() & weights.keys():
+        return weights
+    if all(name.startswith(BACKBONE_PREFIX) for name in weights):
+        return OrderedDict((name[len(BACKBONE_PREFIX):], t) for name, t in weights.items())
+    return weights
+
+
+def load_pretrained(layer, path, strict=True):
+    """Load the weights file ``path`` into ``layer`` (usually ``model.backbone``).
+
+    Names are matched exactly (a file whose every name starts with ``backbone.`` has that
+    prefix dropped first). With ``strict`` any missing, unexpected or shape-mismatched
+    tensor is a :class:`~passl.errors.UserError` listing the counts and the first names;
+    without it the matching tensors are loaded and the rest is logged as a warning.
+
+    Returns:
+        ``{'loaded': [...], 'missing': [...], 'unexpected': [...], 'mismatched': [...]}``.
+    """
+    expected = layer.state_dict()
+    weights = _strip_backbone_prefix(read_weights(path), expected)
+    mismatched = [f"{name} {list(weights[name].shape)} vs {list(expected[name].shape)}"
+                  for name in expected
+                  if name in weights and list(weights[name].shape) != list(expected[name].shape)]
+    report = {
+        "loaded": [name for name in expected
+                   if name in weights and list(weights[name].shape) == list(expected[name].shape)],
+        "missing": [name for name in expected if name not in weights],
+        "unexpected": [name for name in weights if name not in expected],
+        "mismatched": mismatched,
+    }
+    problems = "; ".join(f"{len(report[kind])} {kind} ({_names(report[kind])})"
+                         for kind in ("missing", "unexpected", "mismatched") if report[kind])
+    where = f"weights {path} do not fit {type(layer).__name__}: {problems}"
+    if problems and strict:
+        raise UserError(where + "; check that the backbone config matches the pretrained model "
+                                "(or relax the strict check to load only the matching tensors)")
+    if problems:
+        get_logger().warning(where + f"; loading the {len(report['loaded'])} matching tensors")
+    loaded = set(report["loaded"])
+    # Tensors that do not load keep their current values (and Paddle has nothing to warn about).
+    layer.set_state_dict({name: weights[name] if name in loaded else value
+                          for name, value in expected.items()})
+    return report

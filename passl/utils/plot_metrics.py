@@ -1,0 +1,71 @@
+"""Training curves from ``metrics.jsonl`` as one PNG: loss, learning rate, accuracies.
+
+matplotlib is an optional extra (``pip install -e .[plot]``), imported only here.
+"""
+import json
+import os
+
+from passl.engine.metrics_log import read_metrics
+from passl.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+# (panel title, record type, x key, y keys): a panel is drawn when any of its curves has points.
+PANELS = (
+    ("training loss", "train", "iter", ("loss",)),
+    ("learning rate", "train", "iter", ("lr",)),
+    ("val accuracy (%)", "eval", "epoch", ("top1", "top5", "knn_top1")),
+)
+
+
+def load_records(path):
+    """The records of a metrics.jsonl file, or a one-line UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found; pass the output_dir of a run "
+                        f"(it holds {METRICS_FILE})")
+    try:
+        return read_metrics(path)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: a line is not valid JSON ({e.msg}): {e.doc.strip()[:60]!r}") from None
+
+
+def curve(records, record_type, x_key, y_key):
+    """(xs, ys) of the records of ``record_type`` that carry numbers under both keys."""
+    numeric = (int, float)
+    points = [(r[x_key], r[y_key]) for r in records if r.get("type") == record_type
+              and isinstance(r.get(x_key), numeric) and isinstance(r.get(y_key), numeric)]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def plot_metrics(metrics_path, output_path):
+    """Draw the curves of ``metrics_path`` into the PNG ``output_path``; returns the curve names."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install -e .[plot] "
+                        "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    records = load_records(metrics_path)
+    panels = []
+    for title, record_type, x_key, y_keys in PANELS:
+        curves = [(y_key, curve(records, record_type, x_key, y_key)) for y_key in y_keys]
+        curves = [(y_key, points) for y_key, points in curves if points[0]]
+        if curves:
+            panels.append((title, x_key, curves))
+    if not panels:
+        raise UserError(f"{metrics_path}: no loss, lr, top1 or knn_top1 values to plot")
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for axis, (title, x_key, curves) in zip(axes[0], panels):
+        for y_key, (xs, ys) in curves:
+            axis.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=y_key)
+        axis.set_title(title)
+        axis.set_xlabel(x_key)
+        axis.grid(alpha=0.3)
+        if len(curves) > 1:
+            axis.legend()
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    figure.savefig(output_path, dpi=100)
+    plt.close(figure)
+    return [y_key for _, _, curves in panels for y_key, _ in curves]
