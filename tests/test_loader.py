@@ -125,3 +125,22 @@ def test_two_ranks_split_the_epoch_and_augment_alike(folder, monkeypatch):
     index = per_rank[1][0]
     crops_rank1 = loader.dataset[index][0]  # loader is rank 1's
     assert all(np.array_equal(a, b) for a, b in zip(crops_rank1, single[index][0]))
+
+
+def test_val_shards_cover_every_sample_once_without_padding(monkeypatch):
+    from paddle.io import Dataset
+
+    from passl import distributed
+    from passl.data.loader import build_batch_sampler
+
+    class Seven(Dataset):
+        def __len__(self):
+            return 7
+
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(distributed, "get_world_size", lambda: 3)
+        sampler = build_batch_sampler(Seven(), "val", batch_size=2, shuffle=False, drop_last=False)
+        seen += [i for batch in sampler for i in batch]
+    assert sorted(seen) == list(range(7))

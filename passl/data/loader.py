@@ -19,8 +19,9 @@ import threading
 
 import cv2
 import numpy as np
-from paddle.io import DataLoader, DistributedBatchSampler
+from paddle.io import BatchSampler, DataLoader, DistributedBatchSampler, Sampler
 
+from passl import distributed
 from passl.data.registry import DATASETS
 from passl.errors import ConfigError, UserError
 from passl.registry import did_you_mean, key_path_of, source_of
@@ -67,6 +68,34 @@ def single_threaded_opencv(worker_id=None):
     """OpenCV's own thread pool fights Paddle's OpenMP threads for the same cores (a
     training step measured 1.32 s with it, 0.77 s without): use one OpenCV thread."""
     cv2.setNumThreads(1)
+
+
+class RankShard(Sampler):
+    """This rank's share of the dataset in order (indices rank, rank + world, ...).
+
+    Unlike DistributedBatchSampler it does not pad the dataset to a multiple of the
+    world size, so an evaluation over all ranks counts every sample exactly once.
+    """
+
+    def __init__(self, dataset):
+        super().__init__(dataset)
+        self.size = len(dataset)
+        self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+
+    def __iter__(self):
+        return iter(range(self.rank, self.size, self.world_size))
+
+    def __len__(self):
+        return len(range(self.rank, self.size, self.world_size))
+
+
+def build_batch_sampler(dataset, mode, batch_size, shuffle, drop_last):
+    """Training: DistributedBatchSampler (a new permutation per epoch, the same on every
+    rank). Ordered evaluation: :class:`RankShard` batches, without padding."""
+    if mode == "val" and not shuffle:
+        return BatchSampler(sampler=RankShard(dataset), batch_size=batch_size, drop_last=drop_last)
+    return DistributedBatchSampler(dataset, batch_size=batch_size, shuffle=shuffle,
+                                   drop_last=drop_last)
 
 
 class _WorkerUserErrors:
@@ -151,11 +180,12 @@ def build_dataloader(cfg, mode="train", seed=0):
 
     single_threaded_opencv()
     dataset = DATASETS.build(cfg["dataset"], seed=seed)
-    sampler = DistributedBatchSampler(dataset, **sampler_options)
+    sampler = build_batch_sampler(dataset, mode, **sampler_options)
     if len(sampler) == 0:
         raise ConfigError(
             f"{path}.sampler.batch_size{source_of(cfg)}: {batch_size} per process leaves no full batch "
-            f"of the {len(dataset)} samples on each of {sampler.nranks} process(es); lower it")
+            f"of the {len(dataset)} samples on each of {distributed.get_world_size()} process(es); "
+            "lower it")
     _WorkerUserErrors.install()
     return PasslDataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
                            worker_init_fn=single_threaded_opencv, persistent_workers=False,
@@ -164,6 +194,8 @@ def build_dataloader(cfg, mode="train", seed=0):
 
 def set_loader_epoch(loader, epoch):
     """Prepare ``loader`` for ``epoch``: the sampler's permutation (Paddle seeds it with the
-    epoch, so it is the same on every rank) and the dataset's augmentations."""
-    loader.batch_sampler.set_epoch(epoch)
+    epoch, so it is the same on every rank; ordered evaluation samplers have none) and the
+    dataset's augmentations."""
+    if isinstance(loader.batch_sampler, DistributedBatchSampler):
+        loader.batch_sampler.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)
