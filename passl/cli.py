@@ -10,6 +10,7 @@ import os
 import sys
 
 from passl.errors import UserError
+from passl.registry import did_you_mean
 
 DEBUG_ENV = "PASSL_DEBUG"
 
@@ -18,9 +19,20 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with a ``--debug`` flag and one-line errors in our format."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, allow_abbrev=False, **kwargs)
         self.add_argument("--debug", action="store_true",
                           help=f"show full tracebacks (same as {DEBUG_ENV}=1)")
+
+    def parse_args(self, args=None, namespace=None):
+        """Unknown flags are reported first, with the closest known one (argparse would
+        complain about a missing required flag instead when the typo is in that flag)."""
+        args = sys.argv[1:] if args is None else args
+        known = self._option_string_actions
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag.startswith("--") and flag not in known:
+                self.error(f"unrecognized argument {flag}{did_you_mean(flag, known)}")
+        return super().parse_args(args, namespace)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
