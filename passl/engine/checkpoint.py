@@ -180,15 +180,21 @@ def resolve_resume_path(resume, output_dir):
     return path
 
 
+def load_saved_file(path, what):
+    """``paddle.load(path)``; a missing or unreadable file is a UserError naming ``what``
+    (the flag or argument the path came from)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path}: file not found")
+    try:
+        return paddle.load(path)
+    except Exception as e:  # paddle.load raises several types for files it cannot parse
+        raise UserError(f"{what} {path}: not a file written by paddle.save "
+                        f"({type(e).__name__})") from None
+
+
 def load_checkpoint(path):
     """The checkpoint dict at ``path``, after checking that it is one this code can resume."""
-    if not os.path.isfile(path):
-        raise UserError(f"--resume {path}: file not found")
-    try:
-        state = paddle.load(path)
-    except Exception as e:  # paddle.load raises several types for files it cannot parse
-        raise UserError(f"--resume {path}: not a file written by paddle.save "
-                        f"({type(e).__name__}); pass output_dir/checkpoints/epoch_N.pd") from None
+    state = load_saved_file(path, "--resume")
     if not isinstance(state, dict):
         raise UserError(f"--resume {path}: not a PASSL training checkpoint "
                         f"(holds a {type(state).__name__})")

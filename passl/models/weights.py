@@ -12,7 +12,7 @@ from collections import OrderedDict
 import numpy as np
 import paddle
 
-from passl.engine.checkpoint import KIND as CHECKPOINT_KIND
+from passl.engine.checkpoint import KIND as CHECKPOINT_KIND, load_saved_file
 from passl.errors import UserError
 from passl.utils.logger import get_logger
 
@@ -32,23 +32,13 @@ def _num_values(tensor):
     return int(np.prod(tensor.shape)) if len(tensor.shape) else 1
 
 
-def _load_file(path, what):
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path}: file not found")
-    try:
-        return paddle.load(path)
-    except Exception as e:  # paddle.load raises several types for a file it cannot parse
-        raise UserError(f"{what} {path}: not a file written by paddle.save "
-                        f"({type(e).__name__})") from None
-
-
 def read_checkpoint(path):
     """The training checkpoint dict at ``path`` (``epoch_N.pd``, or ``latest.pd`` linking to one).
 
     Accepts any ``paddle.save`` dict with a ``'model'`` state dict; one carrying the engine's
     ``kind`` marker must be a training checkpoint.
     """
-    checkpoint = _load_file(path, "checkpoint")
+    checkpoint = load_saved_file(path, "checkpoint")
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise UserError(f"checkpoint {path}: not a training checkpoint (no 'model' state dict; "
                         f"weights files are already extracted); pass "
@@ -91,7 +81,7 @@ def extract_weights(checkpoint_path, output_path, prefix="backbone", remove_pref
 
 def read_weights(path):
     """The flat state dict of a ``.pdparams`` weights file."""
-    weights = _load_file(path, "weights")
+    weights = load_saved_file(path, "weights")
     if isinstance(weights, dict) and isinstance(weights.get("model"), dict):
         raise UserError(f"weights {path}: this is a training checkpoint, not a weights file; "
                         f"extract the backbone first: python tools/extract_weight.py {path} "
