@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCHMARKS = {
     "data": ("benchmarks.data_pipeline",
              "multi-crop images/s: PASSL's OpenCV pipeline vs Pillow + paddle.vision.transforms"),
+    "train": ("benchmarks.train_step",
+              "SwAV training step: images/s, GFLOP/s, peak RSS (model, loss, LARS)"),
 }
 
 

@@ -26,6 +26,13 @@ from passl.errors import ConfigError
 from passl.solver.registry import OPTIMIZERS
 
 
+def l2_norm(tensor):
+    """``sqrt(sum(x * x))``: on CPU, Paddle's ``linalg.norm`` (p_norm kernel) accumulates in one
+    sequential float32 sum, 8e-4 off the float64 norm of a 2.4M-element ResNet-50 weight and
+    ~10x slower over the whole model (116 vs 12 ms); this reduction is within 1e-8."""
+    return paddle.sqrt((tensor * tensor).sum())
+
+
 @OPTIMIZERS.register()
 class LARS(Optimizer):
     """Layer-wise adaptive rate scaling with momentum, apex LARC semantics (see module doc).
@@ -76,8 +83,7 @@ class LARS(Optimizer):
         """``d`` of the module doc: the gradient with decay, scaled by the trust ratio."""
         if self._exclude_from_adaptation and param.ndim <= 1:
             return grad
-        param_norm = paddle.linalg.norm(param)
-        grad_norm = paddle.linalg.norm(grad)
+        param_norm, grad_norm = l2_norm(param), l2_norm(grad)
         adapt = paddle.logical_and(param_norm > 0, grad_norm > 0)
         ratio = self._trust_coefficient * param_norm / (
             grad_norm + self._lars_weight_decay * param_norm + self._eps)
