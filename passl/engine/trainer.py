@@ -104,6 +104,10 @@ class Trainer:
                          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
                          f"MKL_DEBUG_CPU_TYPE={threads['MKL_DEBUG_CPU_TYPE']}); "
                          f"output in {self.output_dir}")
+        if self.device == "cpu" and self.world_size == 1 and threads["threads"] > 1:
+            self.logger.info(f"tip: on CPU, {threads['threads']} processes x 1 thread usually train "
+                             f"faster (python -m paddle.distributed.launch --nproc_per_node "
+                             f"{threads['threads']} tools/train.py ...; batch_size is per process)")
 
     def _build_model(self, pretrained, pretrained_strict, load):
         if not self.cfg.get("model"):
