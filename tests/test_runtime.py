@@ -41,5 +41,5 @@ def test_seed_everything_repeats_streams_and_ranks_differ():
     draws = []
     for rank in (0, 0, 1):
         runtime.seed_everything(7, rank)
-        draws.append((np.random.rand(), float(paddle.rand([1]))))
+        draws.append((np.random.rand(), paddle.rand([1]).item()))
     assert draws[0] == draws[1] and draws[0] != draws[2]
