@@ -19,6 +19,7 @@ import threading
 
 import cv2
 import numpy as np
+import paddle
 from paddle.io import BatchSampler, DataLoader, DistributedBatchSampler, Sampler
 
 from passl import distributed
@@ -150,11 +151,24 @@ class _WorkerUserErrors:
 
 
 class PasslDataLoader(DataLoader):
-    """paddle.io.DataLoader whose workers' data errors reach the caller as themselves."""
+    """paddle.io.DataLoader whose data errors reach the caller as themselves.
+
+    Without workers, batches are read in the calling thread: Paddle's single-process
+    iterator reads them in a helper thread that, when the dataset raises, dies without
+    waking the consumer, which then waits forever (Paddle 3.3).
+    """
 
     def __iter__(self):
-        iterator = super().__iter__()
-        return _WorkerUserErrors(iterator) if self.num_workers > 0 else iterator
+        if self.num_workers == 0:
+            return self._read_in_this_thread()
+        return _WorkerUserErrors(super().__iter__())
+
+    def _read_in_this_thread(self):
+        for indices in self.batch_sampler:
+            inputs, labels = self.collate_fn([self.dataset[i] for i in indices])
+            inputs = [paddle.to_tensor(crop) for crop in inputs] \
+                if isinstance(inputs, list) else paddle.to_tensor(inputs)
+            yield inputs, paddle.to_tensor(labels)
 
 
 def build_dataloader(cfg, mode="train", seed=0):
