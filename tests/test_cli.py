@@ -68,3 +68,22 @@ def test_bad_flag():
 def test_debug_shows_traceback(tiny_cfg):
     code, err = run_train("-c", tiny_cfg, "-o", "epoch=3", env={"PASSL_DEBUG": "1"})
     assert code != 0 and "Traceback" in err and "ConfigError" in err
+
+
+def test_pretrained_mismatch_is_an_error_unless_nonstrict(tmp_path):
+    import paddle
+
+    from passl.config import load_config
+    from passl.models import BACKBONES
+
+    clas = os.path.join(ROOT, "configs", "swav", "swav_clas_r18_digits.yaml")
+    weights = BACKBONES.build(load_config(clas).model.backbone).state_dict()
+    weights.pop("conv1.weight")
+    path = str(tmp_path / "partial.pdparams")
+    paddle.save(weights, path)
+    run = ("-c", clas, "--pretrained", path, "-o", f"output_dir={tmp_path / 'out'}", "-o", "epochs=1")
+    code, err = run_train(*run)
+    assert_one_line_error(code, err, "missing", "conv1.weight", "--pretrained-nonstrict")
+    code, err = run_train(*run, "--pretrained-nonstrict")
+    assert code == 0, err
+    assert os.path.exists(tmp_path / "out" / "checkpoints" / "latest.pd")

@@ -25,6 +25,9 @@ def parse_args(argv):
                         help="continue from a checkpoint, or 'auto' for the latest in output_dir")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="backbone weights (.pdparams) to start from")
+    parser.add_argument("--pretrained-nonstrict", action="store_true",
+                        help="load only the --pretrained tensors that fit the backbone "
+                             "(default: any missing, unexpected or mis-shaped tensor is an error)")
     parser.add_argument("--load", metavar="PATH", help="full model weights from a checkpoint")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate on the val set and exit (use with --load)")
@@ -45,7 +48,8 @@ def main(argv=None):
     from passl.runtime import configure_cpu_threads
     configure_cpu_threads(cfg.get("threads", "auto"))  # before Paddle loads
     from passl.engine.trainer import Trainer
-    trainer = Trainer(cfg, resume=args.resume, pretrained=args.pretrained, load=args.load)
+    trainer = Trainer(cfg, resume=args.resume, pretrained=args.pretrained, load=args.load,
+                      pretrained_strict=not args.pretrained_nonstrict)
     if args.evaluate_only:
         trainer.evaluate()
     else:

@@ -128,7 +128,7 @@ def load_pretrained(layer, path, strict=True):
     where = f"weights {path} do not fit {type(layer).__name__}: {problems}"
     if problems and strict:
         raise UserError(where + "; check that the backbone config matches the pretrained model "
-                                "(or relax the strict check to load only the matching tensors)")
+                                "(or pass --pretrained-nonstrict to load only the matching tensors)")
     if problems:
         get_logger().warning(where + f"; loading the {len(report['loaded'])} matching tensors")
     loaded = set(report["loaded"])
