@@ -30,6 +30,16 @@ def did_you_mean(word, choices, n=3):
     return f" (did you mean: {', '.join(close)}?)" if close else ""
 
 
+def check_keys(keys, accepted, path, source="", owner=None):
+    """ConfigError for the first of ``keys`` not in ``accepted``: its key path, the closest
+    accepted key and the whole list (``owner``: the class that rejects it, if any)."""
+    for key in keys:
+        if key not in accepted:
+            what = f"{owner} does not accept {key!r}" if owner else "unknown key"
+            raise ConfigError(f"{path}.{key}{source}: {what}{did_you_mean(key, accepted)}; "
+                              f"accepted keys: {', '.join(accepted)}")
+
+
 def accepted_kwargs(obj):
     """Keyword names ``obj`` (a class or function) accepts, or None when it takes ``**kwargs``."""
     if inspect.isclass(obj) and obj.__init__ is object.__init__:
@@ -110,11 +120,7 @@ class Registry:
         kwargs.update({k: v for k, v in cfg.items() if k != "name"})
         accepted = accepted_kwargs(obj)
         if accepted is not None:
-            for key in cfg:
-                if key != "name" and key not in accepted:
-                    raise ConfigError(
-                        f"{path}.{key}{source_of(cfg)}: {cfg['name']} does not accept {key!r}"
-                        f"{did_you_mean(key, accepted)}; accepted keys: {', '.join(accepted)}")
+            check_keys([k for k in cfg if k != "name"], accepted, path, source_of(cfg), cfg["name"])
             kwargs = {k: v for k, v in kwargs.items() if k in accepted}
         missing = [k for k in required_kwargs(obj) if k not in kwargs]
         if missing:

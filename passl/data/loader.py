@@ -25,7 +25,7 @@ from paddle.io import BatchSampler, DataLoader, DistributedBatchSampler, Sampler
 from passl import distributed
 from passl.data.registry import DATASETS
 from passl.errors import ConfigError, UserError
-from passl.registry import did_you_mean, key_path_of, source_of
+from passl.registry import check_keys, key_path_of, source_of
 
 MODES = ("train", "val")
 #: Accepted keys of the ``sampler`` block and their defaults per mode (None = required).
@@ -43,10 +43,7 @@ def _block_options(cfg, key, defaults, parent):
     path = f"{parent}.{key}"
     if not isinstance(block, dict):
         raise ConfigError(f"{path}{source_of(cfg)}: expected a mapping, got {block!r}")
-    for name in block:
-        if name not in defaults:
-            raise ConfigError(f"{path}.{name}{source_of(cfg)}: unknown key"
-                              f"{did_you_mean(name, defaults)}; accepted keys: {', '.join(defaults)}")
+    check_keys(block, defaults, path, source_of(cfg))
     options = {**defaults, **block}
     for name, value in options.items():
         if value is None:
@@ -181,10 +178,7 @@ def build_dataloader(cfg, mode="train", seed=0):
     if not isinstance(cfg, dict) or "dataset" not in cfg:
         raise ConfigError(f"{path}{source_of(cfg)}: needs a 'dataset' block "
                           "(plus 'sampler' and 'loader')")
-    for key in cfg:
-        if key not in ("dataset", "sampler", "loader"):
-            raise ConfigError(f"{path}.{key}{source_of(cfg)}: unknown key; "
-                              "expected dataset, sampler, loader")
+    check_keys(cfg, ("dataset", "sampler", "loader"), path, source_of(cfg))
     sampler_options = _block_options(cfg, "sampler", SAMPLER_DEFAULTS[mode], path)
     loader_options = _block_options(cfg, "loader", LOADER_DEFAULTS, path)
     batch_size = sampler_options["batch_size"]

@@ -16,6 +16,7 @@ import contextlib
 import paddle
 
 from passl.errors import ConfigError
+from passl.registry import check_keys
 from passl.utils.logger import get_logger
 
 DTYPES = ("float16", "bfloat16")
@@ -27,9 +28,7 @@ class MixedPrecision:
 
     def __init__(self, cfg, device):
         cfg = dict(cfg or {})
-        for key in cfg:
-            if key not in KEYS:
-                raise ConfigError(f"amp.{key}: unknown key; accepted keys: {', '.join(KEYS)}")
+        check_keys(cfg, KEYS, "amp")
         self.enabled = bool(cfg.get("enable", False))
         self.dtype = cfg.get("dtype", "float16")
         self.level = cfg.get("level", "O1")
