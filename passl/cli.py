@@ -38,6 +38,24 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+def add_config_arguments(parser, config_help="YAML config file"):
+    """The ``-c/--config`` and repeatable ``-o/--override`` flags every config-driven tool has."""
+    parser.add_argument("-c", "--config", required=True, help=config_help)
+    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (dotted path, YAML value); repeatable; "
+                             "+KEY=VALUE adds a key that the config does not have")
+
+
+def load_run_config(args):
+    """The config of ``args.config`` with ``args.override``, with the CPU thread settings
+    applied before Paddle loads (see :mod:`passl.runtime`)."""
+    from passl.config import load_config
+    cfg = load_config(args.config, args.override)
+    from passl.runtime import configure_cpu_threads
+    configure_cpu_threads(cfg.get("threads", "auto"))
+    return cfg
+
+
 def debugging(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -12,15 +12,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from passl.cli import ArgumentParser, run_cli  # noqa: E402
+from passl.cli import ArgumentParser, add_config_arguments, load_run_config, run_cli  # noqa: E402
 from passl.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", required=True, help="YAML config (a Classification one)")
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted path, YAML value); repeatable")
+    add_config_arguments(parser, config_help="YAML config (a Classification one)")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="backbone weights (.pdparams); without it: random init")
     parser.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
@@ -33,10 +31,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.pretrained and not os.path.exists(args.pretrained):
         raise UserError(f"--pretrained {args.pretrained}: file not found")
-    from passl.config import load_config
-    cfg = load_config(args.config, args.override)
-    from passl.runtime import configure_cpu_threads
-    configure_cpu_threads(cfg.get("threads", "auto"))  # before Paddle loads
+    cfg = load_run_config(args)
     from passl.evaluation.knn_eval import run_knn_eval
     result = run_knn_eval(cfg, args.pretrained, args.k, args.temperature)
     from passl import distributed

@@ -11,16 +11,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from passl.cli import ArgumentParser, run_cli  # noqa: E402
+from passl.cli import ArgumentParser, add_config_arguments, load_run_config, run_cli  # noqa: E402
 from passl.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", required=True, help="YAML config file")
-    parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key (dotted path, YAML value); repeatable; "
-                             "+KEY=VALUE adds a key that the config does not have")
+    add_config_arguments(parser)
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue from a checkpoint, or 'auto' for the latest in output_dir")
     parser.add_argument("--pretrained", metavar="PATH",
@@ -43,10 +40,7 @@ def main(argv=None):
                        ("--resume", None if args.resume == "auto" else args.resume)):
         if path and not os.path.exists(path):
             raise UserError(f"{flag} {path}: file not found")
-    from passl.config import load_config
-    cfg = load_config(args.config, args.override)
-    from passl.runtime import configure_cpu_threads
-    configure_cpu_threads(cfg.get("threads", "auto"))  # before Paddle loads
+    cfg = load_run_config(args)
     from passl.engine.trainer import Trainer
     trainer = Trainer(cfg, resume=args.resume, pretrained=args.pretrained, load=args.load,
                       pretrained_strict=not args.pretrained_nonstrict)
