@@ -15,13 +15,35 @@ from passl.registry import did_you_mean
 DEBUG_ENV = "PASSL_DEBUG"
 
 
+def other_spelling(flag):
+    """``--remove-prefix`` <-> ``--remove_prefix`` (None for flags with neither in the name)."""
+    name = flag[2:]
+    if not flag.startswith("--") or ("-" not in name and "_" not in name):
+        return None
+    return "--" + (name.replace("-", "_") if "-" in name else name.replace("_", "-"))
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a ``--debug`` flag and one-line errors in our format."""
+    """argparse with a ``--debug`` flag and one-line errors in our format.
+
+    Every long flag is accepted with dashes and with underscores (``--remove-prefix`` and
+    ``--remove_prefix``); help and docs show the spelling the tool declares. The module
+    docstring of a tool (its usage examples and output locations) is shown by ``--help``.
+    """
 
     def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, allow_abbrev=False, **kwargs)
         self.add_argument("--debug", action="store_true",
                           help=f"show full tracebacks (same as {DEBUG_ENV}=1)")
+
+    def add_argument(self, *flags, **kwargs):
+        action = super().add_argument(*flags, **kwargs)
+        for flag in flags:
+            alias = other_spelling(flag)
+            if alias and alias not in self._option_string_actions:
+                self._option_string_actions[alias] = action  # accepted, not shown in --help
+        return action
 
     def parse_args(self, args=None, namespace=None):
         """Unknown flags are reported first, with the closest known one (argparse would

@@ -54,7 +54,7 @@ def test_eval_hook_records_best_and_evaluate_only(tmp_path, data):
     with open(tmp_path / "out" / "train.log") as f:
         assert f"best val top1 {top1[best]:.2f} at epoch {best + 1}" in f.read()
 
-    result = Trainer(cfg, load=latest).evaluate()
+    result = Trainer(cfg, load=latest, evaluate_only=True).evaluate()
     assert result == pytest.approx({"top1": top1[-1], "top5": 100.0})  # no best_* outside training
 
 

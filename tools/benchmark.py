@@ -21,7 +21,7 @@ BENCHMARKS = {
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     subcommands = parser.add_subparsers(dest="benchmark", required=True, metavar="|".join(BENCHMARKS))
     for name, (module_name, help_text) in BENCHMARKS.items():
         sub = subcommands.add_parser(name, help=help_text, description=help_text)

@@ -13,7 +13,7 @@ from passl.cli import ArgumentParser, run_cli  # noqa: E402
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("checkpoint", help="a training checkpoint (checkpoints/epoch_N.pd or latest.pd)")
     parser.add_argument("--output", required=True, help="weights file to write, ending in .pdparams")
     parser.add_argument("--prefix", default="backbone",

@@ -17,7 +17,7 @@ from passl.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__)
     add_config_arguments(parser, config_help="YAML config (a Classification one)")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="backbone weights (.pdparams); without it: random init")

@@ -14,7 +14,7 @@ from passl.cli import ArgumentParser, run_cli  # noqa: E402
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("run", metavar="OUTPUT_DIR",
                         help="a run's output_dir (or its metrics.jsonl file)")
     parser.add_argument("--output", help="PNG to write (default: metrics.png next to metrics.jsonl)")

@@ -27,7 +27,7 @@ KNN_MARGIN = 3.0  # points the SwAV kNN top-1 must add over random init
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--output-dir", default="output/demo", help="where every step writes")
     parser.add_argument("--epochs", type=int, help="pretraining epochs (default: the config's)")
     parser.add_argument("--linear-epochs", type=int, help="linear epochs (default: the config's)")

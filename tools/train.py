@@ -1,10 +1,17 @@
 """Train or evaluate from a YAML config.
 
+examples:
     python tools/train.py -c configs/swav/swav_r18_digits.yaml [-o key.path=value ...]
     python -m paddle.distributed.launch --nproc_per_node 2 tools/train.py -c CFG
     python tools/train.py -c CFG --resume auto            # latest checkpoint in output_dir
     python tools/train.py -c CLS_CFG --pretrained backbone.pdparams
     python tools/train.py -c CLS_CFG --load CKPT --evaluate-only
+
+output (in the config's output_dir, relative paths from the current directory):
+    config.yaml            the resolved config of the run
+    train.log              the log (train.rankN.log for the other processes)
+    metrics.jsonl          one JSON record per logged step, evaluation and run summary
+    checkpoints/           epoch_N.pd and latest.pd (resume with --resume auto)
 """
 import os
 import sys
@@ -16,7 +23,7 @@ from passl.errors import UserError  # noqa: E402
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__)
     add_config_arguments(parser)
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="continue from a checkpoint, or 'auto' for the latest in output_dir")
@@ -25,25 +32,46 @@ def parse_args(argv):
     parser.add_argument("--pretrained-nonstrict", action="store_true",
                         help="load only the --pretrained tensors that fit the backbone "
                              "(default: any missing, unexpected or mis-shaped tensor is an error)")
-    parser.add_argument("--load", metavar="PATH", help="full model weights from a checkpoint")
+    parser.add_argument("--load", metavar="PATH",
+                        help="whole-model weights: a checkpoint or a model state dict")
     parser.add_argument("--evaluate-only", action="store_true",
-                        help="evaluate on the val set and exit (use with --load)")
+                        help="evaluate the --load weights on the val set and exit")
+    parser.add_argument("--as-built", action="store_true",
+                        help="with --evaluate-only and no --load: evaluate the model as the config "
+                             "builds it (random init, or --pretrained backbone with an untrained "
+                             "head), e.g. as a baseline")
+    parser.add_argument("--archive-old-run", action="store_true",
+                        help="start afresh in an output_dir that holds another run: move that "
+                             "run's files into output_dir/previous_runs/<time>/ first")
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_flags(args):
     if args.resume and (args.pretrained or args.load):
         raise UserError("--resume restores the whole run; do not combine it with "
                         "--pretrained or --load")
+    if args.resume and args.archive_old_run:
+        raise UserError("--archive-old-run starts a new run; do not combine it with --resume")
+    if args.evaluate_only and not args.load and not args.as_built:
+        raise UserError("--evaluate-only needs trained weights: add --load CKPT (a checkpoint "
+                        "or model state dict); to score the model as the config builds it "
+                        "(random init or --pretrained backbone), add --as-built")
+    if args.as_built and not args.evaluate_only:
+        raise UserError("--as-built only applies to --evaluate-only")
     for flag, path in (("--pretrained", args.pretrained), ("--load", args.load),
                        ("--resume", None if args.resume == "auto" else args.resume)):
         if path and not os.path.exists(path):
             raise UserError(f"{flag} {path}: file not found")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)
     cfg = load_run_config(args)
     from passl.engine.trainer import Trainer
     trainer = Trainer(cfg, resume=args.resume, pretrained=args.pretrained, load=args.load,
-                      pretrained_strict=not args.pretrained_nonstrict)
+                      pretrained_strict=not args.pretrained_nonstrict,
+                      evaluate_only=args.evaluate_only, archive_old_run=args.archive_old_run)
     if args.evaluate_only:
         trainer.evaluate()
     else:

@@ -267,7 +267,10 @@ def _check_model_keys(model, saved, path):
 
 
 def load_model_weights(model, path):
-    """``--load``: the full model state from a training checkpoint or a model state dict."""
+    """``--load``: the full model state from a training checkpoint or a model state dict.
+
+    Returns the epochs the checkpoint had trained, or None for a plain state dict.
+    """
     if not os.path.isfile(path):
         raise UserError(f"--load {path}: file not found")
     try:
@@ -275,12 +278,28 @@ def load_model_weights(model, path):
     except Exception as e:
         raise UserError(f"--load {path}: not a file written by paddle.save "
                         f"({type(e).__name__})") from None
+    epoch = None
     if isinstance(state, dict) and state.get("kind") == KIND:
-        state = state["model"]
+        epoch, state = int(state["epoch"]), state["model"]
     if not isinstance(state, dict):
         raise UserError(f"--load {path}: expected a checkpoint or a model state dict")
+    _refuse_backbone_file(model, state, path)
     _check_model_keys(model, state, f"--load {path}")
     model.set_state_dict(state)
+    return epoch
+
+
+def _refuse_backbone_file(model, state, path):
+    """``--load`` of extracted backbone weights: say to use ``--pretrained`` instead."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None or not state:
+        return
+    names = set(backbone.state_dict())
+    prefix = "backbone."
+    if all((key[len(prefix):] if key.startswith(prefix) else key) in names for key in state):
+        raise UserError(f"--load {path}: holds only backbone weights (what "
+                        f"tools/extract_weight.py writes); load them with --pretrained {path}, "
+                        f"--load takes a whole model (a training checkpoint)")
 
 
 def restore(trainer, state, path):

@@ -19,7 +19,7 @@ import paddle
 from passl import distributed
 from passl.config import ConfigDict, save_config
 from passl.data import build_dataloader, set_loader_epoch
-from passl.engine import checkpoint
+from passl.engine import checkpoint, run_dir
 from passl.engine.amp import MixedPrecision
 from passl.engine.hooks import HOOKS
 from passl.engine.metrics_log import MetricsLog
@@ -30,7 +30,7 @@ from passl.registry import key_path_of
 from passl.runtime import configure_cpu_threads, seed_everything, select_device
 from passl.solver.lr_scheduler import build_lr_scheduler
 from passl.solver.optimizers import build_optimizer
-from passl.utils.logger import setup_logger
+from passl.utils.logger import open_log_file, setup_logger
 
 #: Hooks every run has; a ``hooks`` entry with the same name replaces the default one.
 DEFAULT_HOOKS = ("CheckpointHook", "LoggerHook", "HealthHook")
@@ -54,21 +54,44 @@ class Trainer:
         ``amp`` (:class:`~passl.engine.amp.MixedPrecision`), ``device``, ``hooks``.
     """
 
-    def __init__(self, cfg, resume=None, pretrained=None, load=None, pretrained_strict=True):
+    def __init__(self, cfg, resume=None, pretrained=None, load=None, pretrained_strict=True,
+                 evaluate_only=False, archive_old_run=False):
         self.cfg = cfg
         self.output_dir = cfg.get("output_dir") or "output"
         self.epochs = cfg.get("epochs")
+        self.evaluate_only = evaluate_only
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ConfigError(f"epochs: expected a positive integer, got {self.epochs!r}")
+        if not resume and not evaluate_only:
+            run_dir.check_fresh_start(self.output_dir, archive_old_run)
+        # Nothing is written into output_dir until the run is built (a failed start leaves
+        # an earlier run there as it was); the log waits in memory until then.
         self._start_up()
+        self.loaded_epoch = None  # epochs trained of the --load checkpoint, when it says
         self.model = self._build_model(pretrained, pretrained_strict, load)
         loaders = cfg.get("dataloader") or {}
-        if "train" not in loaders:
-            raise ConfigError("dataloader.train: missing; the trainer needs a train loader")
         seed = cfg.get("seed", 0)
-        self.train_loader = build_dataloader(loaders["train"], mode="train", seed=seed)
         self.val_loader = build_dataloader(loaders["val"], mode="val", seed=seed) \
             if loaders.get("val") else None
+        if not evaluate_only:
+            self._build_training(loaders, seed)
+        self.hooks = self._build_hooks()
+        self.evaluators = [h for h in self.hooks if callable(getattr(h, "evaluate", None))]
+        self.start_epoch = self.epoch = self.iter = self.inner_iter = 0
+        self.outputs, self.batch_images, self.completed = None, 0, False
+        self.resumed_rng = None
+        if resume:
+            self._resume(resume)
+        self._open_output_dir(archive_old_run)
+        if resume:
+            self.metrics.truncate_after(self.iter)  # steps logged after the checkpoint
+
+    def _build_training(self, loaders, seed):
+        """The train loader, schedule, optimizer and AMP (not needed to evaluate)."""
+        cfg = self.cfg
+        if "train" not in loaders:
+            raise ConfigError("dataloader.train: missing; the trainer needs a train loader")
+        self.train_loader = build_dataloader(loaders["train"], mode="train", seed=seed)
         self._derive_run_values()
         self.lr_scheduler = build_lr_scheduler(cfg.get("lr_scheduler"), self.epochs,
                                                self.iters_per_epoch, self.global_batch_size)
@@ -77,15 +100,19 @@ class Trainer:
         self.amp = MixedPrecision(cfg.get("amp"), self.device)
         self.logger.info(f"mixed precision: {self.amp.describe()}")
         self.wrapped_model = paddle.DataParallel(self.model) if self.world_size > 1 else self.model
-        self.hooks = self._build_hooks()
-        self.evaluators = [h for h in self.hooks if callable(getattr(h, "evaluate", None))]
+
+    def _open_output_dir(self, archive_old_run):
+        """The run is built: move an old run aside if asked, then write config and log."""
+        if archive_old_run and self.rank == 0:
+            moved_to = run_dir.archive_run(self.output_dir)
+            if moved_to:
+                self.logger.info(f"the earlier run in {self.output_dir} was moved to {moved_to}")
+        distributed.barrier()  # no rank writes into the folder while rank 0 moves it
+        if self.rank == 0 and not self.evaluate_only:
+            save_config(self.cfg, os.path.join(self.output_dir, "config.yaml"))
+        open_log_file(self.output_dir, self.rank)
         self.metrics = MetricsLog(os.path.join(self.output_dir, "metrics.jsonl"),
                                   enabled=self.rank == 0)
-        self.start_epoch = self.epoch = self.iter = self.inner_iter = 0
-        self.outputs, self.batch_images, self.completed = None, 0, False
-        self.resumed_rng = None
-        if resume:
-            self._resume(resume)
 
     # ------------------------------------------------------------------ building
 
@@ -95,16 +122,15 @@ class Trainer:
         self.device = select_device(cfg.get("device", "auto"))
         self.world_size = distributed.init_process_group()
         self.rank = distributed.get_rank()
-        self.logger = setup_logger(self.output_dir, self.rank)
+        self.logger = setup_logger(self.output_dir, self.rank, defer_file=True)
         seed_everything(cfg.get("seed", 0), self.rank)
-        if self.rank == 0:
-            save_config(cfg, os.path.join(self.output_dir, "config.yaml"))
         self.logger.info(f"device {self.device}, {self.world_size} process(es), "
                          f"{threads['threads']} CPU thread(s) per process "
                          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
                          f"MKL_DEBUG_CPU_TYPE={threads['MKL_DEBUG_CPU_TYPE']}); "
                          f"output in {self.output_dir}")
-        if self.device == "cpu" and self.world_size == 1 and threads["threads"] > 1:
+        if self.device == "cpu" and self.world_size == 1 and threads["threads"] > 1 \
+                and not self.evaluate_only:
             self.logger.info(f"tip: on CPU, {threads['threads']} processes x 1 thread usually train "
                              f"faster (python -m paddle.distributed.launch --nproc_per_node "
                              f"{threads['threads']} tools/train.py ...; batch_size is per process)")
@@ -120,7 +146,7 @@ class Trainer:
             load_pretrained(model.backbone, pretrained, strict=pretrained_strict)
             self.logger.info(f"backbone weights loaded from {pretrained}")
         if load:
-            checkpoint.load_model_weights(model, load)
+            self.loaded_epoch = checkpoint.load_model_weights(model, load)
             self.logger.info(f"model weights loaded from {load}")
         return self._maybe_sync_bn(model)
 
@@ -176,7 +202,6 @@ class Trainer:
         state = checkpoint.load_checkpoint(path)
         self.resumed_rng = checkpoint.restore(self, state, path)
         self.epoch = self.start_epoch
-        self.metrics.truncate_after(self.iter)
         self.logger.info(f"resumed from {path}: {self.start_epoch} epoch(s), {self.iter} "
                          f"iterations done")
 
@@ -242,14 +267,24 @@ class Trainer:
         if not self.evaluators:
             raise UserError("nothing to evaluate: no hook in the config's `hooks` has an "
                             "evaluate() method; add an evaluation hook (see docs/training.md)")
-        return self._run_evaluators(epoch=self.start_epoch)
+        return self._run_evaluators(epoch=self.loaded_epoch, evaluate_only=True)
 
-    def _run_evaluators(self, epoch):
+    def _run_evaluators(self, epoch, evaluate_only=False):
+        """Run the evaluators and write one ``eval`` record.
+
+        A stand-alone evaluation (``--evaluate-only``) is marked ``evaluate_only: true`` and
+        carries the epoch of the loaded checkpoint (None for a state dict or ``--as-built``),
+        so it does not read as a point of a training curve.
+        """
         results = {}
         for hook in self.evaluators:
             results.update(hook.evaluate(self))
-        self.metrics.write({"type": "eval", "epoch": epoch, "iter": self.iter, **results})
-        self.logger.info(f"evaluation after epoch {epoch}: "
+        record = {"type": "eval", "epoch": epoch, "iter": self.iter, **results}
+        if evaluate_only:
+            record["evaluate_only"] = True
+        self.metrics.write(record)
+        when = "evaluation" if epoch is None else f"evaluation after epoch {epoch}"
+        self.logger.info(f"{when}: "
                          + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in results.items()))
         return results
