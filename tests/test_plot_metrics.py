@@ -64,3 +64,12 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(UserError, match=r"pip install -e \.\[plot\]"):
         plot_metrics.plot_metrics(str(tmp_path / "run" / "metrics.jsonl"), str(tmp_path / "x.png"))
+
+
+def test_evaluate_only_records_are_not_curve_points():
+    from passl.utils.plot_metrics import curve
+    records = [{"type": "eval", "epoch": 1, "top1": 50.0},
+               {"type": "eval", "epoch": 2, "top1": 60.0},
+               {"type": "eval", "epoch": 2, "top1": 60.0, "evaluate_only": True},
+               {"type": "eval", "epoch": None, "top1": 10.0, "evaluate_only": True}]
+    assert curve(records, "eval", "epoch", "top1") == ([1, 2], [50.0, 60.0])

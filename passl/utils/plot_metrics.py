@@ -3,6 +3,7 @@
 matplotlib is an optional extra (``pip install -e .[plot]``), imported only here.
 """
 import json
+import logging
 import os
 
 from passl.engine.metrics_log import read_metrics
@@ -15,6 +16,20 @@ PANELS = (
     ("learning rate", "train", "iter", ("lr",)),
     ("val accuracy (%)", "eval", "epoch", ("top1", "top5", "knn_top1")),
 )
+
+
+def pyplot():
+    """``matplotlib.pyplot`` drawing to files (no display needed), or a one-line UserError."""
+    # matplotlib logs "building the font cache" on its first import: harmless, and noise
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install -e .[plot] "
+                        "(or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def load_records(path):
@@ -32,20 +47,14 @@ def curve(records, record_type, x_key, y_key):
     """(xs, ys) of the records of ``record_type`` that carry numbers under both keys."""
     numeric = (int, float)
     points = [(r[x_key], r[y_key]) for r in records if r.get("type") == record_type
+              and not r.get("evaluate_only")  # a stand-alone evaluation, not a curve point
               and isinstance(r.get(x_key), numeric) and isinstance(r.get(y_key), numeric)]
     return [x for x, _ in points], [y for _, y in points]
 
 
 def plot_metrics(metrics_path, output_path):
     """Draw the curves of ``metrics_path`` into the PNG ``output_path``; returns the curve names."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install -e .[plot] "
-                        "(or pip install matplotlib)") from None
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     records = load_records(metrics_path)
     panels = []
     for title, record_type, x_key, y_keys in PANELS:

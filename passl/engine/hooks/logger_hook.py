@@ -10,6 +10,7 @@ from tqdm import tqdm
 from passl import distributed
 from passl.engine.hooks.base import HOOKS, Hook, Priority
 from passl.errors import ConfigError
+from passl.utils.logger import FILE_ONLY
 
 
 def _seconds(value):
@@ -46,7 +47,7 @@ class LoggerHook(Hook):
         log_interval: iterations between ``metrics.jsonl`` records (default: the top-level
             ``log_interval``, else 10); the last iteration of an epoch always writes one.
         progress_bar: ``auto`` (a tqdm bar on rank 0 when stderr is a terminal), true or
-            false. Without the bar every record is also a line in the log.
+            false. Every record is also a line in train.log; without the bar it is printed too.
         visualdl: also write the records to ``output_dir/visualdl`` (needs ``visualdl``).
 
     Each record averages the loss and every model log over the interval and all processes;
@@ -152,15 +153,15 @@ class LoggerHook(Hook):
                   **means}
         trainer.metrics.write(record)
         eta = self._eta(trainer)
-        if self.bar is not None:
+        line = (f"epoch {record['epoch']}/{trainer.epochs} iter {trainer.inner_iter + 1}/"
+                f"{trainer.iters_per_epoch} loss {record['loss']:.4f} lr {record['lr']:.4g} "
+                f"images/s {ips:.1f} eta {eta}" + "".join(f" {k} {v:.4g}" for k, v in means.items()))
+        if self.bar is not None:  # the bar shows the numbers; the log file still gets the line
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.4g}",
                                  ips=f"{ips:.1f}", eta=eta)
+            trainer.logger.info(line, extra=FILE_ONLY)
         else:
-            trainer.logger.info(
-                f"epoch {record['epoch']}/{trainer.epochs} iter {trainer.inner_iter + 1}/"
-                f"{trainer.iters_per_epoch} loss {record['loss']:.4f} lr {record['lr']:.4g} "
-                f"images/s {ips:.1f} eta {eta}"
-                + "".join(f" {k} {v:.4g}" for k, v in means.items()))
+            trainer.logger.info(line)
         self._reset_interval()
 
     def _eta(self, trainer):
