@@ -6,6 +6,7 @@ Rules (also in docs/config.md):
   bases first, later ones winning, then deep-merges this file on top.
 * In a child file, a mapping with ``_replace_: true`` replaces the base's mapping
   at that key instead of being merged into it.
+* ``-o ~a.b.c`` deletes a key (e.g. a key the new ``name:`` of a block does not take).
 * ``-o a.b.c=value`` sets an existing key; the value is parsed as YAML
   (``-o epochs=5``, ``-o x.y=[224,96]``, ``-o amp.enable=true``). A list element
   is addressed by its index (``-o hooks.0.interval=2``). Setting a key that does
@@ -99,12 +100,19 @@ def _read_yaml(path):
         with open(path) as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{_yaml_error_place(path, e)}: not valid YAML: "
+                          f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(data).__name__}")
     return data
+
+
+def _yaml_error_place(path, error):
+    """``path:line:column`` of a YAML syntax error (1-based), or ``path`` when unknown."""
+    mark = getattr(error, "problem_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
 
 
 def merge(base, child):
@@ -145,10 +153,14 @@ def _load_with_bases(path, seen):
     return merge(merged, data)
 
 
+DELETE_PREFIX = "~"
+
+
 def parse_override(text):
     """Split ``'a.b=value'`` into (['a', 'b'], parsed value, add_new)."""
     if "=" not in text:
-        raise ConfigError(f"-o {text}: expected key.path=value (e.g. -o epochs=5)")
+        raise ConfigError(f"-o {text}: expected key.path=value (e.g. -o epochs=5) or ~key.path "
+                          f"to delete a key")
     key, raw = text.split("=", 1)
     add = key.startswith("+")
     key = key.lstrip("+").strip()
@@ -161,8 +173,30 @@ def parse_override(text):
     return key.split("."), value, add
 
 
+def delete_key(cfg, text, source):
+    """Apply one ``-o ~a.b.c``: remove that key (a list item by index) from ``cfg``."""
+    parts = text[len(DELETE_PREFIX):].strip().split(".")
+    node = cfg
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth + 1])
+        if isinstance(node, list) and part.lstrip("-").isdigit() \
+                and -len(node) <= int(part) < len(node):
+            part = int(part)
+        elif not isinstance(node, dict) or part not in node:
+            keys = node.keys() if isinstance(node, dict) else []
+            raise ConfigError(f"-o {text}: no key {here!r} to delete in {source}"
+                              f"{did_you_mean(parts[depth], keys)}")
+        if depth == len(parts) - 1:
+            del node[part]
+        else:
+            node = node[part]
+
+
 def apply_override(cfg, text, source):
     """Apply one ``-o`` override to the plain dict ``cfg`` in place."""
+    if text.startswith(DELETE_PREFIX):
+        delete_key(cfg, text, source)
+        return
     parts, value, add = parse_override(text)
     node = cfg
     for depth, part in enumerate(parts):

@@ -99,3 +99,18 @@ def test_save_config_round_trips(child, tmp_path):
     save_config(cfg, str(out))
     assert yaml.safe_load(out.read_text()) == cfg.to_dict()
     assert load_config(str(out)).to_dict() == cfg.to_dict()
+
+
+def test_tilde_override_deletes_keys_and_list_items(child):
+    cfg = load_config(child, ["~model.backbone.stem", "~model.loss.nmb_crops.0", "~amp"])
+    assert "stem" not in cfg.model.backbone and "amp" not in cfg
+    assert cfg.model.loss.nmb_crops == []
+    with pytest.raises(ConfigError, match=r"-o ~model.backbone.stemm: no key 'model.backbone.stemm'"
+                                          r" to delete .*did you mean: stem"):
+        load_config(child, ["~model.backbone.stemm"])
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = write(tmp_path, "c.yaml", "epochs: 1\nmodel: {name: X, a: 1\n  b: 2}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3:4: not valid YAML: expected ',' or '}'"):
+        load_config(path)
