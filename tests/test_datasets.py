@@ -130,7 +130,7 @@ def test_corrupt_image_fails_with_one_line_naming_it(folder):
     with pytest.raises(UserError) as info:
         dataset[5]
     assert str(info.value).startswith(path) and "\n" not in str(info.value)
-    assert "skip_corrupt: true" in str(info.value)
+    assert "skip_corrupt=true" in str(info.value) and "tools/check_data.py" in str(info.value)
 
 
 def test_skip_corrupt_substitutes_the_next_readable_sample_and_counts(folder, warnings_logged):

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import paddle
 
+from passl.data.check import read_exclude_list
 from passl.data.image_io import IMAGE_EXTENSIONS, DataError, read_image
 from passl.data.registry import DATASETS
 from passl.data.transforms import build_pipeline
@@ -56,11 +57,14 @@ class ImageDataset(paddle.io.Dataset):
     array, not as millions of Python objects, so forked loader workers do not copy them.
     """
 
-    def __init__(self, root, relative_paths, labels, transforms=None, skip_corrupt=False, seed=0):
+    def __init__(self, root, relative_paths, labels, transforms=None, skip_corrupt=False, seed=0,
+                 exclude=None):
         super().__init__()
         if int(seed) != seed or seed < 0:
             raise ConfigError(f"{type(self).__name__}: seed must be a non-negative integer, "
                               f"got {seed!r}")
+        if exclude:
+            relative_paths, labels = self._without(exclude, relative_paths, labels)
         self.root = root
         self._paths = np.array([os.fsencode(p) for p in relative_paths], dtype=np.bytes_)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -70,8 +74,21 @@ class ImageDataset(paddle.io.Dataset):
         self.epoch = 0
         self.skipped = []  # unreadable paths met by this process (skip_corrupt: true)
 
+    def _without(self, exclude_file, relative_paths, labels):
+        """Drop the images listed in ``exclude_file`` (see :mod:`passl.data.check`)."""
+        excluded = read_exclude_list(exclude_file, type(self).__name__)
+        kept = [i for i, p in enumerate(relative_paths) if os.path.normpath(p) not in excluded]
+        if len(kept) < len(relative_paths):
+            get_logger().info(f"{type(self).__name__}: {len(relative_paths) - len(kept)} image(s) "
+                              f"left out, as listed in {exclude_file}")
+        return [relative_paths[i] for i in kept], [labels[i] for i in kept]
+
     def __len__(self):
         return len(self._paths)
+
+    def relative_paths(self):
+        """Every image path relative to ``root``, in index order."""
+        return [os.fsdecode(p) for p in self._paths]
 
     def path(self, index):
         return os.path.join(self.root, os.fsdecode(self._paths[index]))
@@ -137,12 +154,13 @@ class ImageFolder(ImageDataset):
     """``root/<class_name>/<image>`` (ImageNet's train and val layout); classes sorted by name.
 
     Config keys: ``root``, ``transforms`` (list of transform blocks), ``skip_corrupt``
-    (see the module docstring), ``seed`` (the trainer passes the config's seed).
+    (see the module docstring), ``exclude`` (a file of root-relative image paths to leave
+    out, as ``tools/check_data.py`` writes it), ``seed`` (the trainer passes the config's seed).
     An empty class folder is an error; with ``skip_corrupt: true`` it is a warning and
     the class keeps its label index.
     """
 
-    def __init__(self, root, transforms=None, skip_corrupt=False, seed=0):
+    def __init__(self, root, transforms=None, skip_corrupt=False, seed=0, exclude=None):
         root = _existing_dir(root, type(self).__name__)
         self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
         if not self.classes:
@@ -158,7 +176,7 @@ class ImageFolder(ImageDataset):
                 get_logger().warning(f"skip_corrupt: {message}; the class keeps label {label}")
             paths.extend(os.path.join(name, f) for f in files)
             labels.extend([label] * len(files))
-        super().__init__(root, paths, labels, transforms, skip_corrupt, seed)
+        super().__init__(root, paths, labels, transforms, skip_corrupt, seed, exclude)
 
 
 @DATASETS.register()
@@ -170,14 +188,14 @@ class ImageList(ImageDataset):
     contain spaces. Other keys as :class:`ImageFolder`.
     """
 
-    def __init__(self, root, list_file, transforms=None, skip_corrupt=False, seed=0):
+    def __init__(self, root, list_file, transforms=None, skip_corrupt=False, seed=0, exclude=None):
         root = _existing_dir(root, type(self).__name__)
         list_file = os.path.expanduser(list_file)
         if not os.path.isfile(list_file):
             raise DataError(f"ImageList: list_file not found: {list_file}; check the dataset's "
                             "list_file in the config")
         paths, labels = self._parse(list_file)
-        super().__init__(root, paths, labels, transforms, skip_corrupt, seed)
+        super().__init__(root, paths, labels, transforms, skip_corrupt, seed, exclude)
 
     @staticmethod
     def _parse(list_file):

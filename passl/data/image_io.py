@@ -115,5 +115,6 @@ def read_image(path):
     try:
         return decode_image(data)
     except ValueError as e:
-        raise DataError(f"{path}: {e}; replace or delete the file, or set skip_corrupt: true "
-                        f"in the dataset block to skip unreadable images") from None
+        raise DataError(f"{path}: {e}; replace or delete the file, list every bad image with "
+                        f"tools/check_data.py (then exclude: FILE in the dataset block), or skip "
+                        f"unreadable images with -o dataloader.train.dataset.skip_corrupt=true") from None
