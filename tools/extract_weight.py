@@ -1,6 +1,6 @@
 """Write the backbone tensors of a training checkpoint to a weights file (.pdparams).
 
-    python tools/extract_weight.py OUTPUT_DIR/checkpoints/latest.pd --output backbone.pdparams --remove_prefix
+    python tools/extract_weight.py OUTPUT_DIR/checkpoints/latest.pd --output backbone.pdparams --remove-prefix
 
 The weights file feeds `tools/train.py --pretrained` and `tools/knn_eval.py --pretrained`.
 """
@@ -18,7 +18,7 @@ def parse_args(argv):
     parser.add_argument("--output", required=True, help="weights file to write, ending in .pdparams")
     parser.add_argument("--prefix", default="backbone",
                         help="keep the model tensors named PREFIX.* (default: backbone)")
-    parser.add_argument("--remove_prefix", action="store_true",
+    parser.add_argument("--remove-prefix", action="store_true",
                         help="drop 'PREFIX.' from the names, as --pretrained expects")
     return parser.parse_args(argv)
 

@@ -85,14 +85,14 @@ def read_weights(path):
     if isinstance(weights, dict) and isinstance(weights.get("model"), dict):
         raise UserError(f"weights {path}: this is a training checkpoint, not a weights file; "
                         f"extract the backbone first: python tools/extract_weight.py {path} "
-                        f"--output backbone{WEIGHTS_SUFFIX} --remove_prefix")
+                        f"--output backbone{WEIGHTS_SUFFIX} --remove-prefix")
     if not isinstance(weights, dict) or not weights:
         raise UserError(f"weights {path}: expected a non-empty {{name: tensor}} state dict")
     return weights
 
 
 def _strip_backbone_prefix(weights, expected):
-    """Accept files extracted without --remove_prefix: ``backbone.x`` loads into ``x``."""
+    """Accept files extracted without --remove-prefix: ``backbone.x`` loads into ``x``."""
     if expected.keys() & weights.keys():
         return weights
     if all(name.startswith(BACKBONE_PREFIX) for name in weights):
