@@ -65,7 +65,7 @@ def add_config_arguments(parser, config_help="YAML config file"):
     parser.add_argument("-c", "--config", required=True, help=config_help)
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted path, YAML value); repeatable; "
-                             "+KEY=VALUE adds a key that the config does not have")
+                             "+KEY=VALUE adds a key that the config does not have, ~KEY deletes one")
 
 
 def load_run_config(args):
