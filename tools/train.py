@@ -11,7 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from passl.cli import ArgumentParser, add_config_arguments, load_run_config, run_cli  # noqa: E402
+from passl.cli import (ArgumentParser, add_config_arguments, add_trust_file_argument,  # noqa: E402
+                       load_run_config, run_cli)
 from passl.errors import UserError  # noqa: E402
 
 
@@ -28,6 +29,7 @@ def parse_args(argv):
     parser.add_argument("--load", metavar="PATH", help="full model weights from a checkpoint")
     parser.add_argument("--evaluate-only", action="store_true",
                         help="evaluate on the val set and exit (use with --load)")
+    add_trust_file_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -43,7 +45,7 @@ def main(argv=None):
     cfg = load_run_config(args)
     from passl.engine.trainer import Trainer
     trainer = Trainer(cfg, resume=args.resume, pretrained=args.pretrained, load=args.load,
-                      pretrained_strict=not args.pretrained_nonstrict)
+                      pretrained_strict=not args.pretrained_nonstrict, trust_file=args.trust_file)
     if args.evaluate_only:
         trainer.evaluate()
     else:

@@ -47,6 +47,8 @@ class Trainer:
         load: a checkpoint (or model state dict) loaded into the whole model.
         pretrained_strict: refuse pretrained weights that do not fit the backbone exactly
             (missing, unexpected or mis-shaped tensors); false loads the matching ones.
+        trust_file: read ``resume``/``pretrained``/``load`` with ``paddle.load``, which runs
+            code from the file (``--trust-file``); by default only plain state is read.
 
     Attributes hooks may use (besides those in :class:`~passl.engine.hooks.base.Hook`):
         ``batch_images`` (images in this step's batch on this process, ``labels.shape[0]``),
@@ -54,8 +56,10 @@ class Trainer:
         ``amp`` (:class:`~passl.engine.amp.MixedPrecision`), ``device``, ``hooks``.
     """
 
-    def __init__(self, cfg, resume=None, pretrained=None, load=None, pretrained_strict=True):
+    def __init__(self, cfg, resume=None, pretrained=None, load=None, pretrained_strict=True,
+                 trust_file=False):
         self.cfg = cfg
+        self.trust_file = trust_file
         self.output_dir = cfg.get("output_dir") or "output"
         self.epochs = cfg.get("epochs")
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -117,10 +121,11 @@ class Trainer:
             if not hasattr(model, "backbone"):
                 raise UserError(f"--pretrained: {type(model).__name__} has no backbone to load "
                                 f"weights into")
-            load_pretrained(model.backbone, pretrained, strict=pretrained_strict)
+            load_pretrained(model.backbone, pretrained, strict=pretrained_strict,
+                            trust=self.trust_file)
             self.logger.info(f"backbone weights loaded from {pretrained}")
         if load:
-            checkpoint.load_model_weights(model, load)
+            checkpoint.load_model_weights(model, load, trust=self.trust_file)
             self.logger.info(f"model weights loaded from {load}")
         return self._maybe_sync_bn(model)
 
@@ -173,7 +178,7 @@ class Trainer:
 
     def _resume(self, resume):
         path = checkpoint.resolve_resume_path(resume, self.output_dir)
-        state = checkpoint.load_checkpoint(path)
+        state = checkpoint.load_checkpoint(path, trust=self.trust_file)
         self.resumed_rng = checkpoint.restore(self, state, path)
         self.epoch = self.start_epoch
         self.metrics.truncate_after(self.iter)
