@@ -68,6 +68,15 @@ def add_config_arguments(parser, config_help="YAML config file"):
                              "+KEY=VALUE adds a key that the config does not have, ~KEY deletes one")
 
 
+def add_trust_file_argument(parser):
+    """``--trust-file`` (also ``--trust_file``): the loud escape hatch of
+    :func:`passl.io.paddle_file.load_paddle_file` for a file its safe reader refuses."""
+    parser.add_argument("--trust-file", "--trust_file", dest="trust_file", action="store_true",
+                        help="read weights/checkpoint files with paddle.load, which runs any code "
+                             "a file contains (default: only plain tensors and values are read); "
+                             "only for files from a source you trust")
+
+
 def load_run_config(args):
     """The config of ``args.config`` with ``args.override``, with the CPU thread settings
     applied before Paddle loads (see :mod:`passl.runtime`)."""

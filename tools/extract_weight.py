@@ -9,7 +9,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from passl.cli import ArgumentParser, run_cli  # noqa: E402
+from passl.cli import ArgumentParser, add_trust_file_argument, run_cli  # noqa: E402
 
 
 def parse_args(argv):
@@ -20,13 +20,15 @@ def parse_args(argv):
                         help="keep the model tensors named PREFIX.* (default: backbone)")
     parser.add_argument("--remove-prefix", action="store_true",
                         help="drop 'PREFIX.' from the names, as --pretrained expects")
+    add_trust_file_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     from passl.models.weights import extract_weights
-    written = extract_weights(args.checkpoint, args.output, args.prefix, args.remove_prefix)
+    written = extract_weights(args.checkpoint, args.output, args.prefix, args.remove_prefix,
+                              trust=args.trust_file)
     print(f"wrote {written['tensors']} tensors ({written['values']:,} values) "
           f"under '{args.prefix}.' to {written['output']}")
     return 0

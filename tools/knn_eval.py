@@ -12,7 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from passl.cli import ArgumentParser, add_config_arguments, load_run_config, run_cli  # noqa: E402
+from passl.cli import (ArgumentParser, add_config_arguments, add_trust_file_argument,  # noqa: E402
+                       load_run_config, run_cli)
 from passl.errors import UserError  # noqa: E402
 
 
@@ -24,6 +25,7 @@ def parse_args(argv):
     parser.add_argument("--k", type=int, default=20, help="neighbours that vote (default 20)")
     parser.add_argument("--temperature", type=float, default=0.07,
                         help="vote weight exp(similarity / T) (default 0.07)")
+    add_trust_file_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -33,7 +35,7 @@ def main(argv=None):
         raise UserError(f"--pretrained {args.pretrained}: file not found")
     cfg = load_run_config(args)
     from passl.evaluation.knn_eval import run_knn_eval
-    result = run_knn_eval(cfg, args.pretrained, args.k, args.temperature)
+    result = run_knn_eval(cfg, args.pretrained, args.k, args.temperature, args.trust_file)
     from passl import distributed
     if distributed.get_rank() == 0:
         print(f"kNN top-1 {result['knn_top1']:.2f}  top-5 {result['knn_top5']:.2f}  "

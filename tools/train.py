@@ -18,7 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from passl.cli import ArgumentParser, add_config_arguments, load_run_config, run_cli  # noqa: E402
+from passl.cli import (ArgumentParser, add_config_arguments, add_trust_file_argument,  # noqa: E402
+                       load_run_config, run_cli)
 from passl.errors import UserError  # noqa: E402
 
 
@@ -43,6 +44,7 @@ def parse_args(argv):
     parser.add_argument("--archive-old-run", action="store_true",
                         help="start afresh in an output_dir that holds another run: move that "
                              "run's files into output_dir/previous_runs/<time>/ first")
+    add_trust_file_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -71,7 +73,8 @@ def main(argv=None):
     from passl.engine.trainer import Trainer
     trainer = Trainer(cfg, resume=args.resume, pretrained=args.pretrained, load=args.load,
                       pretrained_strict=not args.pretrained_nonstrict,
-                      evaluate_only=args.evaluate_only, archive_old_run=args.archive_old_run)
+                      evaluate_only=args.evaluate_only, archive_old_run=args.archive_old_run,
+                      trust_file=args.trust_file)
     if args.evaluate_only:
         trainer.evaluate()
     else:

@@ -35,6 +35,7 @@ import paddle
 
 from passl import distributed
 from passl.errors import UserError
+from passl.io.paddle_file import load_paddle_file
 
 KIND = "passl-training-checkpoint"
 VERSION = 1
@@ -180,21 +181,12 @@ def resolve_resume_path(resume, output_dir):
     return path
 
 
-def load_saved_file(path, what):
-    """``paddle.load(path)``; a missing or unreadable file is a UserError naming ``what``
-    (the flag or argument the path came from)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} {path}: file not found")
-    try:
-        return paddle.load(path)
-    except Exception as e:  # paddle.load raises several types for files it cannot parse
-        raise UserError(f"{what} {path}: not a file written by paddle.save "
-                        f"({type(e).__name__})") from None
+def load_checkpoint(path, trust=False):
+    """The checkpoint dict at ``path``, after checking that it is one this code can resume.
 
-
-def load_checkpoint(path):
-    """The checkpoint dict at ``path``, after checking that it is one this code can resume."""
-    state = load_saved_file(path, "--resume")
+    ``trust``: read it with ``paddle.load`` (see :func:`passl.io.paddle_file.load_paddle_file`).
+    """
+    state = load_paddle_file(path, "--resume", trust)
     if not isinstance(state, dict):
         raise UserError(f"--resume {path}: not a PASSL training checkpoint "
                         f"(holds a {type(state).__name__})")
@@ -266,18 +258,12 @@ def _check_model_keys(model, saved, path):
                         f"and in its output_dir/config.yaml)")
 
 
-def load_model_weights(model, path):
+def load_model_weights(model, path, trust=False):
     """``--load``: the full model state from a training checkpoint or a model state dict.
 
     Returns the epochs the checkpoint had trained, or None for a plain state dict.
     """
-    if not os.path.isfile(path):
-        raise UserError(f"--load {path}: file not found")
-    try:
-        state = paddle.load(path)
-    except Exception as e:
-        raise UserError(f"--load {path}: not a file written by paddle.save "
-                        f"({type(e).__name__})") from None
+    state = load_paddle_file(path, "--load", trust)
     epoch = None
     if isinstance(state, dict) and state.get("kind") == KIND:
         epoch, state = int(state["epoch"]), state["model"]

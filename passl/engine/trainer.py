@@ -47,6 +47,8 @@ class Trainer:
         load: a checkpoint (or model state dict) loaded into the whole model.
         pretrained_strict: refuse pretrained weights that do not fit the backbone exactly
             (missing, unexpected or mis-shaped tensors); false loads the matching ones.
+        trust_file: read ``resume``/``pretrained``/``load`` with ``paddle.load``, which runs
+            code from the file (``--trust-file``); by default only plain state is read.
 
     Attributes hooks may use (besides those in :class:`~passl.engine.hooks.base.Hook`):
         ``batch_images`` (images in this step's batch on this process, ``labels.shape[0]``),
@@ -55,8 +57,9 @@ class Trainer:
     """
 
     def __init__(self, cfg, resume=None, pretrained=None, load=None, pretrained_strict=True,
-                 evaluate_only=False, archive_old_run=False):
+                 evaluate_only=False, archive_old_run=False, trust_file=False):
         self.cfg = cfg
+        self.trust_file = trust_file
         self.output_dir = cfg.get("output_dir") or "output"
         self.epochs = cfg.get("epochs")
         self.evaluate_only = evaluate_only
@@ -143,10 +146,11 @@ class Trainer:
             if not hasattr(model, "backbone"):
                 raise UserError(f"--pretrained: {type(model).__name__} has no backbone to load "
                                 f"weights into")
-            load_pretrained(model.backbone, pretrained, strict=pretrained_strict)
+            load_pretrained(model.backbone, pretrained, strict=pretrained_strict,
+                            trust=self.trust_file)
             self.logger.info(f"backbone weights loaded from {pretrained}")
         if load:
-            self.loaded_epoch = checkpoint.load_model_weights(model, load)
+            self.loaded_epoch = checkpoint.load_model_weights(model, load, trust=self.trust_file)
             self.logger.info(f"model weights loaded from {load}")
         return self._maybe_sync_bn(model)
 
@@ -199,7 +203,7 @@ class Trainer:
 
     def _resume(self, resume):
         path = checkpoint.resolve_resume_path(resume, self.output_dir)
-        state = checkpoint.load_checkpoint(path)
+        state = checkpoint.load_checkpoint(path, trust=self.trust_file)
         self.resumed_rng = checkpoint.restore(self, state, path)
         self.epoch = self.start_epoch
         self.logger.info(f"resumed from {path}: {self.start_epoch} epoch(s), {self.iter} "

@@ -42,15 +42,18 @@ def memory_bank_blocks(cfg):
     return deterministic_block(loaders["train"], val_transforms), deterministic_block(loaders["val"])
 
 
-def run_knn_eval(cfg, pretrained=None, k=20, temperature=0.07):
+def run_knn_eval(cfg, pretrained=None, k=20, temperature=0.07, trust_file=False):
     """Build ``cfg.model``, load ``pretrained`` into its backbone (random init, seeded, without),
-    run kNN, append an ``eval`` record to ``output_dir/metrics.jsonl``; returns the result."""
+    run kNN, append an ``eval`` record to ``output_dir/metrics.jsonl``; returns the result.
+
+    ``trust_file``: read ``pretrained`` with ``paddle.load`` (``--trust-file``). The weights
+    are read before anything is written to ``output_dir``, so a refused file leaves no trace.
+    """
     configure_cpu_threads(cfg.get("threads", "auto"))
     select_device(cfg.get("device", "auto"))
     distributed.init_process_group()
     rank = distributed.get_rank()
     output_dir = cfg.get("output_dir") or "output"
-    logger = setup_logger(output_dir, rank, filename="knn_eval.log")
     seed = cfg.get("seed", 0)
     seed_everything(seed)  # the same on every rank: one random-init model, not one per rank
     model = MODELS.build(cfg.get("model"))
@@ -58,7 +61,9 @@ def run_knn_eval(cfg, pretrained=None, k=20, temperature=0.07):
         raise UserError(f"model: {type(model).__name__} has no extract_features(); kNN needs "
                         f"an architecture with a backbone (e.g. Classification)")
     if pretrained:
-        load_pretrained(model.backbone, pretrained)
+        load_pretrained(model.backbone, pretrained, trust=trust_file)
+    logger = setup_logger(output_dir, rank, filename="knn_eval.log")
+    if pretrained:
         logger.info(f"backbone weights loaded from {pretrained}")
     else:
         logger.info(f"no --pretrained: measuring the backbone at random init (seed {seed})")

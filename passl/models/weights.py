@@ -12,8 +12,9 @@ from collections import OrderedDict
 import numpy as np
 import paddle
 
-from passl.engine.checkpoint import KIND as CHECKPOINT_KIND, load_saved_file
+from passl.engine.checkpoint import KIND as CHECKPOINT_KIND
 from passl.errors import UserError
+from passl.io.paddle_file import load_paddle_file
 from passl.utils.logger import get_logger
 
 WEIGHTS_SUFFIX = ".pdparams"
@@ -32,13 +33,13 @@ def _num_values(tensor):
     return int(np.prod(tensor.shape)) if len(tensor.shape) else 1
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, trust=False):
     """The training checkpoint dict at ``path`` (``epoch_N.pd``, or ``latest.pd`` linking to one).
 
     Accepts any ``paddle.save`` dict with a ``'model'`` state dict; one carrying the engine's
     ``kind`` marker must be a training checkpoint.
     """
-    checkpoint = load_saved_file(path, "checkpoint")
+    checkpoint = load_paddle_file(path, "checkpoint", trust)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise UserError(f"checkpoint {path}: not a training checkpoint (no 'model' state dict; "
                         f"weights files are already extracted); pass "
@@ -61,7 +62,8 @@ def select_prefix(state_dict, prefix="backbone", remove_prefix=False):
     return selected
 
 
-def extract_weights(checkpoint_path, output_path, prefix="backbone", remove_prefix=False):
+def extract_weights(checkpoint_path, output_path, prefix="backbone", remove_prefix=False,
+                    trust=False):
     """Write the ``prefix.*`` tensors of a checkpoint's model to ``output_path``.
 
     Returns:
@@ -70,7 +72,7 @@ def extract_weights(checkpoint_path, output_path, prefix="backbone", remove_pref
     if not output_path.endswith(WEIGHTS_SUFFIX):
         raise UserError(f"--output {output_path}: weights files end in {WEIGHTS_SUFFIX} "
                         f"(e.g. --output backbone{WEIGHTS_SUFFIX})")
-    model_state = read_checkpoint(checkpoint_path)["model"]
+    model_state = read_checkpoint(checkpoint_path, trust)["model"]
     weights = select_prefix(model_state, prefix, remove_prefix)
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     paddle.save(weights, output_path)
@@ -79,9 +81,9 @@ def extract_weights(checkpoint_path, output_path, prefix="backbone", remove_pref
             "output": output_path}
 
 
-def read_weights(path):
+def read_weights(path, trust=False):
     """The flat state dict of a ``.pdparams`` weights file."""
-    weights = load_saved_file(path, "weights")
+    weights = load_paddle_file(path, "weights", trust)
     if isinstance(weights, dict) and isinstance(weights.get("model"), dict):
         raise UserError(f"weights {path}: this is a training checkpoint, not a weights file; "
                         f"extract the backbone first: python tools/extract_weight.py {path} "
@@ -100,19 +102,20 @@ def _strip_backbone_prefix(weights, expected):
     return weights
 
 
-def load_pretrained(layer, path, strict=True):
+def load_pretrained(layer, path, strict=True, trust=False):
     """Load the weights file ``path`` into ``layer`` (usually ``model.backbone``).
 
     Names are matched exactly (a file whose every name starts with ``backbone.`` has that
     prefix dropped first). With ``strict`` any missing, unexpected or shape-mismatched
     tensor is a :class:`~passl.errors.UserError` listing the counts and the first names;
     without it the matching tensors are loaded and the rest is logged as a warning.
+    ``trust`` reads the file with ``paddle.load`` (:func:`~passl.io.paddle_file.load_paddle_file`).
 
     Returns:
         ``{'loaded': [...], 'missing': [...], 'unexpected': [...], 'mismatched': [...]}``.
     """
     expected = layer.state_dict()
-    weights = _strip_backbone_prefix(read_weights(path), expected)
+    weights = _strip_backbone_prefix(read_weights(path, trust), expected)
     mismatched = [f"{name} {list(weights[name].shape)} vs {list(expected[name].shape)}"
                   for name in expected
                   if name in weights and list(weights[name].shape) != list(expected[name].shape)]
