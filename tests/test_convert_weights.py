@@ -277,3 +277,38 @@ def test_evaluate_only_on_a_converted_classifier(tmp_path, converted):
     assert evaluation["top1"] == pytest.approx(100 * np.mean(top5[:, 0] == labels), abs=1e-6)
     assert evaluation["top5"] == pytest.approx(100 * np.mean((top5 == labels[:, None]).any(1)),
                                                abs=1e-6)
+
+
+# ---------------------------------------------------------------- full size, where torch is installed
+
+@pytest.mark.slow
+@pytest.mark.parametrize("widen, config", [(1, "swav_r50_100ep.yaml"), (2, "swav_r50w2_400ep.yaml")])
+def test_full_size_reference_model_converts_exactly(tmp_path, widen, config):
+    """A ResNet-50 (and RN50-w2) SwAV with random weights in the reference's exact layout,
+    saved by torch in the legacy format, converts and gives PyTorch's outputs (1e-4 relative)."""
+    torch = pytest.importorskip("torch", reason="PyTorch not installed: full-size check skipped")
+    from torch_swav_reference import ReferenceSwAV, published_state_dict, randomise
+    from passl.models.torch_weights import convert_torch_weights, read_torch_states
+
+    hidden = {1: 2048, 2: 8192}[widen]
+    reference = randomise(ReferenceSwAV(widen=widen, hidden_mlp=hidden), seed=widen)
+    path = str(tmp_path / "swav.pth.tar")
+    torch.save(published_state_dict(reference), path, _use_new_zipfile_serialization=False)
+    images = np.random.default_rng(0).normal(size=(2, 3, 96, 96)).astype(np.float32)
+    with torch.no_grad():
+        expected = [t.numpy() for t in (*reference(torch.from_numpy(images))[:2],
+                                        reference(torch.from_numpy(images))[2][0])]
+    del reference
+
+    cfg = load_config(os.path.join(ROOT, "configs", "swav", config))
+    state, _, _ = convert_torch_weights(read_torch_states([path]), "swav", cfg.model, config)
+    model = MODELS.build(cfg.model)
+    model.set_state_dict(state)
+    model.eval()
+    features = model.backbone(paddle.to_tensor(images))
+    embeddings = model.neck(features)
+    outputs = [features, embeddings, model.head(embeddings)[0]]
+    for ours, theirs, name in zip(outputs, expected, ("features", "embeddings", "scores")):
+        relative = np.abs(ours.numpy() - theirs).max() / np.abs(theirs).max()
+        print(f"w{widen} {name}: max relative difference {relative:.2e}")
+        assert relative <= 1e-4, name
