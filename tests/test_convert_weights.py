@@ -185,6 +185,29 @@ def test_multi_head_prototypes_and_single_linear_head_map():
     assert ours["head.heads.1.weight"].tolist() == [[0, 2, 4, 6], [1, 3, 5, 7]]
 
 
+def test_torchvision_style_resnet_converts(tmp_path, torch_outputs):
+    """A plain trunk state dict (no head, no 'module.'), with torchvision's own fc classifier."""
+    from passl.models.torch_weights import convert_torch_weights, read_torch_states
+    swav = read_torch_states([fixture("swav_tiny_zip.pth")])
+    trunk = {n: a for n, a in swav.items() if not n.startswith(("projection_head", "prototypes"))}
+    rng = np.random.default_rng(0)
+    trunk["fc.weight"] = rng.normal(size=(10, 32)).astype(np.float32)
+    trunk["fc.bias"] = rng.normal(size=10).astype(np.float32)
+    model_cfg = load_config(write_config(tmp_path, TINY_CLASSIFIER)).model
+    backbone, _, left_out = convert_torch_weights(trunk, "backbone", model_cfg, "tiny")
+    assert left_out["not part of --model backbone"] == ["fc.weight", "fc.bias"]
+    state, _, _ = convert_torch_weights(trunk, "classifier", model_cfg, "tiny")
+    model = MODELS.build(TINY_CLASSIFIER)
+    model.set_state_dict(state)
+    model.eval()
+    images = paddle.to_tensor(torch_outputs["images"])
+    features = model.backbone(images).numpy()
+    assert np.abs(features - torch_outputs["features"]).max() <= TOLERANCE
+    logits = features @ trunk["fc.weight"].T + trunk["fc.bias"]
+    assert np.abs(model.fc(model.backbone(images)).numpy() - logits).max() <= TOLERANCE
+    assert list(backbone) == [n[len("backbone."):] for n in state if n.startswith("backbone.")]
+
+
 # ---------------------------------------------------------------- errors: one line, nothing written
 
 @pytest.mark.parametrize("case", ["not_checkpoint", "truncated", "fits_nothing", "wrong_width",
