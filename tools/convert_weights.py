@@ -1,7 +1,8 @@
 """Convert PyTorch SwAV/ResNet weights (facebookresearch/swav, torchvision) to a .pdparams file.
 
-    python tools/convert_weights.py swav_800ep_pretrain.pth.tar --output swav_r50.pdparams --model backbone
-    python tools/convert_weights.py swav_800ep_pretrain.pth.tar --output swav_r50_full.pdparams --model swav
+    python tools/convert_weights.py swav_800ep_pretrain.pth.tar --output swav_r50.pdparams
+    python tools/convert_weights.py swav_800ep_pretrain.pth.tar --output swav_full.pdparams \
+        --model swav
     python tools/convert_weights.py swav_800ep_pretrain.pth.tar swav_800ep_eval_linear.pth.tar \\
         --output swav_r50_linear.pdparams --model classifier
 
@@ -51,8 +52,9 @@ def main(argv=None):
         raise UserError(f"--output {args.output}: weights files end in .pdparams")
     from passl.config import load_config
     from passl.engine.checkpoint import write_atomic
-    from passl.models.torch_weights import (convert_torch_weights, describe, num_values,
-                                            read_torch_states, resnet_width)
+    from passl.models.torch_weights import (convert_torch_weights, describe, read_torch_states,
+                                            resnet_width)
+    from passl.models.weights import num_values
     states = read_torch_states(args.sources)
     config = args.config or default_config(args.model, resnet_width(states))
     cfg = load_config(config, args.override)
@@ -60,7 +62,8 @@ def main(argv=None):
         state, mapped, left_out = convert_torch_weights(states, args.model, cfg.model, config)
     except UserError as error:
         raise UserError(f"{' + '.join(args.sources)}: {error}") from None
-    print(f"mapped {len(mapped)} tensors ({num_values(state):,} values), checked against "
+    values = sum(num_values(tensor) for tensor in state.values())
+    print(f"mapped {len(mapped)} tensors ({values:,} values), checked against "
           f"{config}:")
     print("\n".join(describe(state, mapped, left_out)))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

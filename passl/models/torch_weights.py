@@ -8,7 +8,6 @@ so a file that converts is one that model loads.
 """
 from collections import OrderedDict
 
-import numpy as np
 import paddle
 
 from passl.errors import UserError
@@ -18,6 +17,7 @@ from passl.models.architectures.swav import swav_from_torch
 from passl.models.backbones.resnet import resnet_from_torch
 from passl.models.registry import BACKBONES, MODELS
 from passl.models.torch_names import DROPPED_BUFFER, paddle_layout
+from passl.models.weights import names_preview
 
 #: ``--model`` -> how a reference tensor name becomes ours in that model.
 TARGETS = {
@@ -26,13 +26,6 @@ TARGETS = {
     "backbone": resnet_from_torch,        # trunk alone, no prefix: --pretrained
 }
 STEM = "conv1.weight"
-# How many names an error message shows before "...".
-SHOWN = 4
-
-
-def _names(names):
-    names = list(names)
-    return ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
 
 
 def read_torch_states(paths):
@@ -75,18 +68,17 @@ def map_torch_state(state, target):
             continue
         ours = TARGETS[target](name)
         if ours is None:
-            owner = next((other for other, known in TARGETS.items() if known(name)), None)
-            if owner is None:
-                unknown.append(name)
-            else:
+            if any(known(name) for known in TARGETS.values()):
                 left_out.setdefault(f"not part of --model {target}", []).append(name)
+            else:
+                unknown.append(name)
             continue
         converted[ours] = paddle_layout(array)
         mapped.append((name, ours))
     if unknown:
         raise UserError(f"{len(unknown)} tensors fit no layer of a ResNet, SwAV or linear "
-                        f"classifier: {_names(unknown)}; this converts the ResNet/SwAV files of "
-                        f"facebookresearch/swav and torchvision ResNets")
+                        f"classifier: {names_preview(unknown)}; this converts the ResNet/SwAV "
+                        f"files of facebookresearch/swav and torchvision ResNets")
     return converted, mapped, left_out
 
 
@@ -117,14 +109,15 @@ def check_fits(converted, mapped, shapes, target, model_cfg, config):
     unexpected = [f"{source[n]} -> {n}" for n in converted if n not in shapes]
     if unexpected:
         raise UserError(f"{len(unexpected)} tensors fit nothing in the model of {config}: "
-                        f"{_names(unexpected)}; pass the config the file was trained with (-c)")
+                        f"{names_preview(unexpected)}; pass the config the file was trained "
+                        f"with (-c)")
     mismatched = [f"{source[n]} {list(converted[n].shape)} -> {n} {shape}"
                   for n, shape in shapes.items()
                   if n in converted and list(converted[n].shape) != shape]
     if mismatched:
         raise UserError(f"{len(mismatched)} tensors have another shape than in the model of "
-                        f"{config} (Paddle layout): {_names(mismatched)}; pass the config the "
-                        f"file was trained with (-c)")
+                        f"{config} (Paddle layout): {names_preview(mismatched)}; pass the "
+                        f"config the file was trained with (-c)")
     missing = [n for n in shapes if n not in converted]
     if missing:
         hint = {
@@ -134,7 +127,7 @@ def check_fits(converted, mapped, shapes, target, model_cfg, config):
             "swav": "a backbone-only file converts with --model backbone",
         }.get(target, "the file holds no complete ResNet trunk")
         raise UserError(f"{len(missing)} tensors of the model of {config} are not in the file: "
-                        f"{_names(missing)}; {hint}")
+                        f"{names_preview(missing)}; {hint}")
 
 
 def convert_torch_weights(torch_state, target, model_cfg, config):
@@ -157,11 +150,6 @@ def convert_torch_weights(torch_state, target, model_cfg, config):
     return state, mapped, left_out
 
 
-def num_values(state):
-    """Scalars in a state dict of tensors."""
-    return sum(int(np.prod(t.shape)) for t in state.values())
-
-
 def describe(state, mapped, left_out):
     """What a conversion did, as lines to print: trunk tensors counted, the others listed."""
     trunk = {name for name, _ in mapped if resnet_from_torch(name)}
@@ -172,5 +160,5 @@ def describe(state, mapped, left_out):
             layout = " (transposed [out, in] -> [in, out])" if len(state[ours].shape) == 2 else ""
             lines.append(f"  {name} -> {ours}{layout}")
     for reason, names in left_out.items():
-        lines.append(f"left out {len(names)}, {reason}: {_names(names)}")
+        lines.append(f"left out {len(names)}, {reason}: {names_preview(names)}")
     return lines
