@@ -6,6 +6,7 @@ of torch.save's formats; torch_outputs.npz holds the values torch itself had.
 import io
 import os
 import pickle
+import pickletools
 import zipfile
 
 import numpy as np
@@ -130,3 +131,17 @@ def test_other_files_are_not_checkpoints(tmp_path, content, message):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match=r"nope.pth: file not found$"):
         read_torch_file(str(tmp_path / "nope.pth"))
+
+
+def test_a_tensor_whose_storage_has_no_bytes_is_corrupt(tmp_path):
+    """A legacy file whose storage list was emptied: the tensors point at nothing."""
+    data = open(fixture("tensor_kinds_legacy.pth"), "rb").read()
+    stream = io.BytesIO(data)
+    for _ in range(4):  # magic, protocol, system info, the object
+        for _ in pickletools.genops(stream):
+            pass
+    path = tmp_path / "hollow.pth"
+    path.write_bytes(data[:stream.tell()] + pickle.dumps([], protocol=2))
+    with pytest.raises(UserError, match=r"hollow.pth: corrupt PyTorch checkpoint \(a tensor's "
+                                        r"storage has no data in the file\)"):
+        read_torch_file(str(path))

@@ -57,6 +57,8 @@ class _StorageView:
 
     @property
     def array(self):
+        if self.root.array is None:
+            return None
         return self.root.array[self.offset:self.offset + self.numel]
 
 
@@ -77,6 +79,9 @@ class _TensorRef:
 
     def to_array(self, what):
         data = self.storage.array
+        if data is None:
+            raise UserError(f"{what}: corrupt PyTorch checkpoint (a tensor's storage has no "
+                            f"data in the file); download it again")
         if any(s == 0 for s in self.size):
             return np.zeros(self.size, dtype=self.storage.dtype)
         last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
