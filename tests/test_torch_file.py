@@ -145,3 +145,13 @@ def test_a_tensor_whose_storage_has_no_bytes_is_corrupt(tmp_path):
     with pytest.raises(UserError, match=r"hollow.pth: corrupt PyTorch checkpoint \(a tensor's "
                                         r"storage has no data in the file\)"):
         read_torch_file(str(path))
+
+
+def test_a_storage_type_numpy_lacks_is_named(tmp_path):
+    data = open(fixture("tensor_kinds_legacy.pth"), "rb").read()
+    assert data.count(b"torch\nHalfStorage\n") == 1  # GLOBAL is a text opcode: safe to rename
+    path = tmp_path / "bf16.pth"
+    path.write_bytes(data.replace(b"torch\nHalfStorage\n", b"torch\nBFloat16Storage\n"))
+    with pytest.raises(UserError, match=r"bf16.pth: a BFloat16Storage tensor, which NumPy cannot "
+                                        r"hold; convert it to float32 in PyTorch first"):
+        read_torch_file(str(path))

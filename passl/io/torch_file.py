@@ -29,13 +29,20 @@ from passl.io.safe_pickle import RestrictedUnpickler, UnsafeFileError
 
 #: The first pickle of a legacy file (torch/serialization.py's MAGIC_NUMBER).
 LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
-#: The storage types a state dict of float16/32/64 weights and int64 counters uses.
+#: Storage types -> NumPy dtypes: weights are float16/32/64, BatchNorm counters int64.
 STORAGE_DTYPES = {
     "HalfStorage": np.float16,
     "FloatStorage": np.float32,
     "DoubleStorage": np.float64,
     "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
 }
+#: Storage types a file may name that NumPy has no dtype for: a clear error, not "unsafe".
+UNSUPPORTED_STORAGES = ("BFloat16Storage", "ComplexFloatStorage", "ComplexDoubleStorage")
 ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -67,7 +74,7 @@ class _StorageType:
 
     def __init__(self, name):
         self.name = name
-        self.dtype = STORAGE_DTYPES[name]
+        self.dtype = STORAGE_DTYPES.get(name)
 
 
 class _TensorRef:
@@ -105,7 +112,8 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
 
 
 def _allowed_globals():
-    allowed = {("torch", name): _StorageType(name) for name in STORAGE_DTYPES}
+    allowed = {("torch", name): _StorageType(name)
+               for name in (*STORAGE_DTYPES, *UNSUPPORTED_STORAGES)}
     allowed.update({
         ("collections", "OrderedDict"): collections.OrderedDict,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -116,8 +124,11 @@ def _allowed_globals():
 
 def _check_storage_type(storage_type, what):
     if not isinstance(storage_type, _StorageType):
-        raise UserError(f"{what}: unsupported PyTorch storage {storage_type!r}; only "
-                        f"{', '.join(STORAGE_DTYPES)} are read")
+        raise UserError(f"{what}: not a PyTorch checkpoint (a storage of type "
+                        f"{type(storage_type).__name__})")
+    if storage_type.dtype is None:
+        raise UserError(f"{what}: a {storage_type.name} tensor, which NumPy cannot hold; "
+                        f"convert it to float32 in PyTorch first (tensor.float())")
     return storage_type
 
 
