@@ -241,8 +241,8 @@ def read_torch_file(path, what=None):
         what: how errors name the file (default: the path).
 
     Raises:
-        UserError: not a PyTorch checkpoint, truncated, or a storage type other than
-            float16/32/64 and int64 (one line naming the file).
+        UserError: not a PyTorch checkpoint, truncated, or a dtype NumPy lacks (bfloat16,
+            complex); one line naming the file.
         UnsafeFileError: the file asks for a global a checkpoint does not need.
     """
     what = what or path
