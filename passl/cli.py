@@ -60,9 +60,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def add_config_arguments(parser, config_help="YAML config file"):
+def add_config_arguments(parser, config_help="YAML config file", required=True):
     """The ``-c/--config`` and repeatable ``-o/--override`` flags every config-driven tool has."""
-    parser.add_argument("-c", "--config", required=True, help=config_help)
+    parser.add_argument("-c", "--config", required=required, help=config_help)
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted path, YAML value); repeatable; "
                              "+KEY=VALUE adds a key that the config does not have, ~KEY deletes one")

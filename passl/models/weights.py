@@ -23,13 +23,15 @@ BACKBONE_PREFIX = "backbone."
 SHOWN_NAMES = 3
 
 
-def _names(keys):
+def names_preview(keys):
+    """The first names of ``keys`` for a message, then "..." when there are more."""
     keys = list(keys)
     shown = ", ".join(keys[:SHOWN_NAMES])
     return shown + (", ..." if len(keys) > SHOWN_NAMES else "")
 
 
-def _num_values(tensor):
+def num_values(tensor):
+    """Scalars in a tensor (or array)."""
     return int(np.prod(tensor.shape)) if len(tensor.shape) else 1
 
 
@@ -77,7 +79,7 @@ def extract_weights(checkpoint_path, output_path, prefix="backbone", remove_pref
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     paddle.save(weights, output_path)
     return {"tensors": len(weights),
-            "values": sum(_num_values(t) for t in weights.values()),
+            "values": sum(num_values(t) for t in weights.values()),
             "output": output_path}
 
 
@@ -126,7 +128,7 @@ def load_pretrained(layer, path, strict=True, trust=False):
         "unexpected": [name for name in weights if name not in expected],
         "mismatched": mismatched,
     }
-    problems = "; ".join(f"{len(report[kind])} {kind} ({_names(report[kind])})"
+    problems = "; ".join(f"{len(report[kind])} {kind} ({names_preview(report[kind])})"
                          for kind in ("missing", "unexpected", "mismatched") if report[kind])
     where = f"weights {path} do not fit {type(layer).__name__}: {problems}"
     if problems and strict:

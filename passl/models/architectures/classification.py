@@ -5,7 +5,9 @@ import paddle.nn.functional as F
 
 from passl.errors import ConfigError
 from passl.evaluation.metrics import topk_accuracy
+from passl.models.backbones.resnet import resnet_from_torch
 from passl.models.registry import BACKBONES, MODELS
+from passl.models.torch_names import rename
 
 
 @MODELS.register()
@@ -74,3 +76,22 @@ class Classification(nn.Layer):
             return {"logits": logits, "labels": labels}
         loss = F.cross_entropy(logits, labels.reshape([-1, 1]).astype("int64"))
         return {"loss": loss, "logs": topk_accuracy(logits.detach(), labels, self.topk)}
+
+
+# ---------------------------------------------------------------- PyTorch weights
+# facebookresearch/swav eval_linear.py trains RegLog on the frozen trunk and saves
+# {"epoch", "state_dict", "optimizer", "scheduler", "best_acc"} (e.g. the published
+# swav_800ep_eval_linear.pth.tar); its state_dict is the classifier alone, inside
+# DistributedDataParallel:
+#   module.linear.weight [1000, 2048w], module.linear.bias [1000]          -> fc
+# (global_pooling true, the default; with global_pooling false the weight is [1000, 8192] over
+# a 2x2 pooled map, and use_bn adds module.bn.*: neither fits this model, and both are refused).
+# The trunk comes from the pretrained file converted alongside. A torchvision ResNet's own
+# classifier, fc.{weight [1000, 2048], bias}, maps to fc too.
+CLASSIFIER_NAMES = r"(linear|fc)\.(weight|bias)"
+
+
+def classification_from_torch(name):
+    """Our Classification name for a reference trunk or linear-classifier tensor, else None."""
+    trunk = resnet_from_torch(name)
+    return "backbone." + trunk if trunk else rename(CLASSIFIER_NAMES, r"fc.\2", name)

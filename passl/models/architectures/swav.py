@@ -5,7 +5,9 @@ import paddle
 import paddle.nn as nn
 
 from passl.errors import ConfigError
+from passl.models.backbones.resnet import resnet_from_torch
 from passl.models.registry import BACKBONES, HEADS, LOSSES, MODELS, NECKS
+from passl.models.torch_names import LEAF, rename
 
 
 def resolution_groups(crops):
@@ -77,3 +79,34 @@ class SwAV(nn.Layer):
     def extract_features(self, images):
         """Pooled backbone features ``[B, C]`` (for kNN and linear evaluation)."""
         return self.backbone(images)
+
+
+# ---------------------------------------------------------------- PyTorch weights
+# facebookresearch/swav publishes the state dict of src/resnet50.py's ResNet as trained by
+# main_swav.py inside DistributedDataParallel (every name starts with "module."; hubconf.py
+# strips it), saved with PyTorch 1.4 (legacy format):
+#   the trunk (see passl/models/backbones/resnet.py; no avgpool/padding tensors)
+#   projection_head.0.{weight [hidden_mlp, 2048w], bias}      Linear   -> neck.mlp.0
+#   projection_head.1.{weight, bias, running_mean, running_var} BatchNorm1d -> neck.mlp.1
+#   projection_head.3.{weight [feat_dim, hidden_mlp], bias}    Linear   -> neck.mlp.3
+#     (hidden_mlp 0: one Linear projection_head.{weight, bias}  -> neck.mlp; RN50-w5 was
+#     trained without the BatchNorm1d (swav issue #35): Linear .0, ReLU, Linear .2 -> neck.mlp.2
+#     with SwAVNeck batch_norm: false)
+#   prototypes.weight [nmb_prototypes, feat_dim]               no bias  -> head.heads.0
+#     (a list of nmb_prototypes: MultiPrototypes, prototypes.prototypes{N}.weight -> head.heads.N)
+# Published values: hidden_mlp 2048 (RN50), 8192 (RN50-w2/w4, scripts/swav_RN50w*_400ep_
+# pretrain.sh), feat_dim 128, nmb_prototypes 3000.
+SWAV_HEAD_NAMES = (
+    (r"projection_head\.([0-3])\." + LEAF, r"neck.mlp.\1.\2"),
+    (r"projection_head\.(weight|bias)", r"neck.mlp.\1"),
+    (r"prototypes\.weight", "head.heads.0.weight"),
+    (r"prototypes\.prototypes(\d+)\.weight", r"head.heads.\1.weight"),
+)
+
+
+def swav_from_torch(name):
+    """Our SwAV name for the tensor ``name`` of the reference's SwAV model, else None."""
+    trunk = resnet_from_torch(name)
+    if trunk:
+        return "backbone." + trunk
+    return next(filter(None, (rename(p, r, name) for p, r in SWAV_HEAD_NAMES)), None)

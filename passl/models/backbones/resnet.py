@@ -11,6 +11,7 @@ import paddle.nn as nn
 
 from passl.errors import ConfigError
 from passl.models.registry import BACKBONES
+from passl.models.torch_names import LEAF, rename
 
 
 def conv_bn(in_channels, out_channels, kernel_size, stride, data_format):
@@ -176,3 +177,21 @@ class ResNet(nn.Layer):
     def forward(self, x):
         """NCHW images -> globally average-pooled features ``[N, out_channels]``."""
         return paddle.flatten(self.avgpool(self._trunk(x)), 1)
+
+
+# ---------------------------------------------------------------- PyTorch weights
+# torchvision.models.resnet and the SwAV reference's src/resnet50.py (facebookresearch/swav,
+# also its wide resnet50w2/w4/w5: every width times `widen`) name a trunk's tensors alike:
+#   conv1.weight [64w, 3, 7, 7]        bn1.{weight, bias, running_mean, running_var}
+#   layer{1-4}.{i}.conv{1,2,3}.weight  layer{1-4}.{i}.bn{1,2,3}.*   (Bottleneck; BasicBlock: 1-2)
+#   layer{1-4}.0.downsample.0.weight (1x1 conv)  layer{1-4}.0.downsample.1.* (BatchNorm)
+#   + num_batches_tracked per BatchNorm (PyTorch >= 1.1); torchvision adds fc.{weight, bias}.
+# The reference's stem pads by 1 with a parameter-free ConstantPad2d before a conv with
+# padding 2: the same zero padding of 3 as ours (and torchvision's), so no tensor differs.
+# Our names are the same, with Paddle's BatchNorm statistics (_mean, _variance).
+TORCH_TRUNK = r"(conv1|bn1|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsample\.[01]))\." + LEAF
+
+
+def resnet_from_torch(name):
+    """Our name for the tensor ``name`` of a torchvision-layout ResNet trunk, else None."""
+    return rename(TORCH_TRUNK, r"\g<0>", name)

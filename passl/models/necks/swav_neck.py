@@ -24,15 +24,16 @@ class SwAVNeck(nn.Layer):
 
     Config keys (``model.neck``): ``in_dim`` (backbone ``out_channels``, 2048 for
     ResNet-50), ``hidden_dim`` (2048 in the paper; 0 means one Linear in -> out),
-    ``out_dim`` (embedding size, 128).
+    ``out_dim`` (embedding size, 128), ``batch_norm`` (False drops the BatchNorm1D, as the
+    published RN50-w5 was trained: facebookresearch/swav issue #35).
     """
 
-    def __init__(self, in_dim, hidden_dim=2048, out_dim=128):
+    def __init__(self, in_dim, hidden_dim=2048, out_dim=128, batch_norm=True):
         super().__init__()
         if hidden_dim:
             self.mlp = nn.Sequential(
                 reference_linear(in_dim, hidden_dim),
-                nn.BatchNorm1D(hidden_dim),
+                *([nn.BatchNorm1D(hidden_dim)] if batch_norm else []),
                 nn.ReLU(),
                 reference_linear(hidden_dim, out_dim),
             )
