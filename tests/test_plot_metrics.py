@@ -64,3 +64,13 @@ def test_missing_matplotlib_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(UserError, match=r"pip install -e \.\[plot\]"):
         plot_metrics.plot_metrics(str(tmp_path / "run" / "metrics.jsonl"), str(tmp_path / "x.png"))
+
+
+def test_prototypes_used_gets_its_own_panel(tmp_path):
+    records = [{"type": "train", "epoch": 1, "iter": i, "loss": 3.0, "lr": 0.1,
+                "prototypes_used": 0.5 + 0.1 * i} for i in range(3)]
+    write_metrics(tmp_path / "run", records)
+    curves = plot_metrics.plot_metrics(str(tmp_path / "run" / "metrics.jsonl"), str(tmp_path / "m.png"))
+    assert curves == ["loss", "lr", "prototypes_used"]
+    xs, ys = plot_metrics.curve(records, "train", "iter", "prototypes_used")
+    assert xs == [0, 1, 2] and ys == pytest.approx([0.5, 0.6, 0.7])
