@@ -252,3 +252,25 @@ def test_tool_writes_the_gallery(setup, tmp_path):
     assert f"prototypes {', '.join(map(str, expected))}" in proc.stdout
     image = cv2.imread(str(output))
     assert image is not None and image.shape[0] > 50
+
+
+@pytest.mark.slow
+def test_two_processes_draw_what_one_process_draws(tmp_path):
+    # 15 val images: ranks read 8 and 7 of them, interleaved (the gather must restore the order)
+    data = write_image_folder(tmp_path / "data", per_class=(8, 5))
+    config = write_config(tmp_path / "swav.yaml", swav_config(data, tmp_path / "run"))
+    ckpt = tmp_path / "model.pd"
+    save_model(load_config(config), ckpt, seed=4)
+    pictures = {}
+    for nproc in (1, 2):
+        output = tmp_path / f"gallery_{nproc}.png"
+        launch = [sys.executable] if nproc == 1 else [
+            sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+            "--log_dir", str(tmp_path / "log")]
+        proc = subprocess.run([*launch, TOOL, "prototypes", "-c", config, "--load", str(ckpt),
+                               "--top", "4", "--output", str(output)],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        log = (tmp_path / "log" / "workerlog.0").read_text() if nproc == 2 else ""
+        assert proc.returncode == 0, proc.stderr[-2000:] + log[-2000:]
+        pictures[nproc] = cv2.imread(str(output))
+    np.testing.assert_array_equal(pictures[1], pictures[2])
