@@ -125,6 +125,12 @@ def test_gallery_of_chosen_prototypes_and_its_png(setup, tmp_path):
                                          ids=[5, 0], thumb=16)
     assert list(result["prototypes"]) == [5, 0] and result["images"].shape == (2, 2)
     assert output.read_bytes()[:8] == PNG_MAGIC
+    # a bare model state dict (what tools/convert_weights.py --model swav writes) works the same
+    converted = tmp_path / "converted.pdparams"
+    paddle.save(setup["models"][1].state_dict(), str(converted))
+    again = visualize.prototype_gallery(setup["cfg"], str(converted), str(output), top=2,
+                                        ids=[5, 0], thumb=16)
+    np.testing.assert_array_equal(again["images"], result["images"])
     with pytest.raises(UserError, match=r"--ids 6: the model has prototypes 0..5"):
         visualize.prototype_gallery(setup["cfg"], setup["ckpt"], str(output), ids=[6])
 

@@ -59,6 +59,7 @@ def build_model(cfg, load=None, pretrained=None):
 
 
 def image_loader(cfg, data_cfg, split):
+    """An ordered loader over the ``split`` image set (of ``data_cfg`` when given), and its block."""
     block = image_set_blocks(data_cfg or cfg)[split]
     return build_dataloader(block, mode="val", seed=cfg.get("seed", 0)), block
 
