@@ -280,3 +280,15 @@ def test_two_processes_draw_what_one_process_draws(tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:] + log[-2000:]
         pictures[nproc] = cv2.imread(str(output))
     np.testing.assert_array_equal(pictures[1], pictures[2])
+
+
+def test_imagenet_configs_take_their_images_from_the_linear_config():
+    swav = load_config(os.path.join(ROOT, "configs", "swav", "swav_r50_100ep.yaml"))
+    with pytest.raises(UserError, match=r"no KNNHook either: pass --data CFG .*swav_clas_r50"):
+        visualize.image_set_blocks(swav)
+    linear = load_config(os.path.join(ROOT, "configs", "swav", "swav_clas_r50.yaml"))
+    blocks = visualize.image_set_blocks(linear)
+    val_transforms = linear.dataloader.val.dataset.transforms
+    assert blocks["train"]["dataset"]["root"] == linear.dataloader.train.dataset.root
+    assert blocks["train"]["dataset"]["transforms"] == val_transforms  # no random crops
+    assert blocks["train"]["sampler"]["shuffle"] is False
