@@ -44,3 +44,7 @@ def test_demo_pipeline_runs_and_reports_its_metrics(tmp_path):
     # 10 classes: even one epoch of either backbone is far above chance in kNN
     assert printed["random init"][0] > 50 and printed["SwAV"][0] > 50
     assert re.search(r"bar kNN: .* (met|MISSED)", proc.stdout)
+    # the pictures of tools/visualize.py (their content is tested in test_visualize.py)
+    for verb in ("prototypes", "usage", "features"):
+        with open(out / "pictures" / f"demo_{verb}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"

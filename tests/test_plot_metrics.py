@@ -73,3 +73,13 @@ def test_evaluate_only_records_are_not_curve_points():
                {"type": "eval", "epoch": 2, "top1": 60.0, "evaluate_only": True},
                {"type": "eval", "epoch": None, "top1": 10.0, "evaluate_only": True}]
     assert curve(records, "eval", "epoch", "top1") == ([1, 2], [50.0, 60.0])
+
+
+def test_prototypes_used_gets_its_own_panel(tmp_path):
+    records = [{"type": "train", "epoch": 1, "iter": i, "loss": 3.0, "lr": 0.1,
+                "prototypes_used": 0.5 + 0.1 * i} for i in range(3)]
+    write_metrics(tmp_path / "run", records)
+    curves = plot_metrics.plot_metrics(str(tmp_path / "run" / "metrics.jsonl"), str(tmp_path / "m.png"))
+    assert curves == ["loss", "lr", "prototypes_used"]
+    xs, ys = plot_metrics.curve(records, "train", "iter", "prototypes_used")
+    assert xs == [0, 1, 2] and ys == pytest.approx([0.5, 0.6, 0.7])

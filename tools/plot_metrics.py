@@ -1,4 +1,4 @@
-"""Plot loss, learning rate and top-1 / kNN top-1 curves of a run as a PNG.
+"""Plot loss, learning rate, prototypes used (SwAV) and top-1 / kNN top-1 curves of a run as a PNG.
 
     python tools/plot_metrics.py OUTPUT_DIR                 # writes OUTPUT_DIR/metrics.png
     python tools/plot_metrics.py OUTPUT_DIR --output curves.png

@@ -2,12 +2,14 @@
 
     python tools/run_demo.py                      # pretrain, extract, kNN and linear, ~4 min on 2 cores
     python tools/run_demo.py --epochs 1 --linear-epochs 1 --output-dir /tmp/demo   # a smoke run
+    python tools/run_demo.py --pictures-dir docs/images   # the README's pictures (docs/visualize.md)
 
 Steps (each one the README's command, run as a subprocess so this script only orchestrates):
 pretrain with configs/swav/swav_r18_digits.yaml, extract the backbone, kNN and linear
 evaluation with configs/swav/swav_clas_r18_digits.yaml for the SwAV backbone and for the same
 backbone at random init (same seed, same protocol). Prints a table and the two bars of the
 demo: SwAV kNN top-1 >= random kNN top-1 + 3 points, SwAV linear top-1 >= random linear top-1.
+Also draws what SwAV learned (tools/visualize.py) into OUTPUT_DIR/pictures or --pictures-dir.
 """
 import json
 import os
@@ -31,6 +33,7 @@ def parse_args(argv):
     parser.add_argument("--output-dir", default="output/demo", help="where every step writes")
     parser.add_argument("--epochs", type=int, help="pretraining epochs (default: the config's)")
     parser.add_argument("--linear-epochs", type=int, help="linear epochs (default: the config's)")
+    parser.add_argument("--pictures-dir", help="where the PNGs go (default: OUTPUT_DIR/pictures)")
     return parser.parse_args(argv)
 
 
@@ -45,6 +48,17 @@ def run_step(name, script, *args):
     seconds = time.time() - start
     print(f"  {name:<28} {seconds:6.1f} s", flush=True)
     return seconds
+
+
+def write_pictures(pretrain_dir, pictures_dir):
+    """Prototype gallery, assignment health over the run's checkpoints and the feature maps of
+    SwAV vs random init, from the pretraining run (tools/visualize.py, docs/visualize.md)."""
+    latest = os.path.join(pretrain_dir, "checkpoints", "latest.pd")
+    for name, verb, source in (("prototype gallery", "prototypes", ["--load", latest]),
+                               ("assignment health", "usage", ["--run", pretrain_dir]),
+                               ("feature maps", "features", ["--load", latest])):
+        run_step(name, "visualize.py", verb, "-c", PRETRAIN_CFG, *source,
+                 "--output", os.path.join(pictures_dir, f"demo_{verb}.png"))
 
 
 def last_record(output_dir, key):
@@ -70,6 +84,7 @@ def main(argv=None):
     run_step("extract backbone", "extract_weight.py",
              os.path.join(pretrain_dir, "checkpoints", "latest.pd"), "--output", weights,
              "--remove_prefix")
+    write_pictures(pretrain_dir, args.pictures_dir or os.path.join(out, "pictures"))
     results = {}
     for init, extra in (("random init", []), ("SwAV", ["--pretrained", weights])):
         tag = "swav" if extra else "random"

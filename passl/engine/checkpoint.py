@@ -266,7 +266,7 @@ def load_model_weights(model, path, trust=False):
     state = load_paddle_file(path, "--load", trust)
     epoch = None
     if isinstance(state, dict) and state.get("kind") == KIND:
-        epoch, state = int(state["epoch"]), state["model"]
+        epoch, state = state.get("epoch"), state["model"]
     if not isinstance(state, dict):
         raise UserError(f"--load {path}: expected a checkpoint or a model state dict")
     _refuse_backbone_file(model, state, path)

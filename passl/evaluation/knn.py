@@ -31,22 +31,24 @@ def gather_rows(tensor):
     return paddle.concat([stacked[rank * step: rank * step + n] for rank, n in enumerate(counts)])
 
 
-def extract_features(model, loader, gather=True):
+def extract_features(model, loader, gather=True, encode=None):
     """L2-normalised ``model.extract_features`` of every image in ``loader``, with labels.
 
     Runs in eval mode without gradients (the model gets its mode back). With ``gather``
-    the result holds every rank's share, otherwise only this rank's.
+    the result holds every rank's share, otherwise only this rank's. ``encode`` (images ->
+    ``[B, C]``) replaces ``model.extract_features``, e.g. to take SwAV's neck embeddings.
 
     Returns:
         ``(features [N, C] float32, labels [N] int64)``.
     """
+    encode = encode or model.extract_features
     features, labels = [], []
     was_training = model.training
     model.eval()
     try:
         with paddle.no_grad():
             for images, batch_labels in loader:
-                pooled = model.extract_features(images).astype("float32")
+                pooled = encode(images).astype("float32")
                 features.append(F.normalize(pooled, axis=1))
                 labels.append(batch_labels.reshape([-1]).astype("int64"))
     finally:

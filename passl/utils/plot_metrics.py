@@ -1,35 +1,25 @@
-"""Training curves from ``metrics.jsonl`` as one PNG: loss, learning rate, accuracies.
+"""Training curves from ``metrics.jsonl`` as one PNG: loss, learning rate, prototype usage,
+accuracies.
 
-matplotlib is an optional extra (``pip install -e .[plot]``), imported only here.
+matplotlib is an optional extra (``pip install -e .[plot]``), imported through
+:mod:`passl.utils.plotting`.
 """
 import json
-import logging
 import os
 
 from passl.engine.metrics_log import read_metrics
 from passl.errors import UserError
+from passl.utils.plotting import pyplot, save_figure
 
 METRICS_FILE = "metrics.jsonl"
 # (panel title, record type, x key, y keys): a panel is drawn when any of its curves has points.
 PANELS = (
     ("training loss", "train", "iter", ("loss",)),
     ("learning rate", "train", "iter", ("lr",)),
+    # SwAV health: share of prototypes winning a crop of the batch; near 1/K means collapse
+    ("prototypes used (share)", "train", "iter", ("prototypes_used",)),
     ("val accuracy (%)", "eval", "epoch", ("top1", "top5", "knn_top1")),
 )
-
-
-def pyplot():
-    """``matplotlib.pyplot`` drawing to files (no display needed), or a one-line UserError."""
-    # matplotlib logs "building the font cache" on its first import: harmless, and noise
-    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("plotting needs matplotlib: pip install -e .[plot] "
-                        "(or pip install matplotlib)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def load_records(path):
@@ -74,7 +64,5 @@ def plot_metrics(metrics_path, output_path):
         if len(curves) > 1:
             axis.legend()
     figure.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    figure.savefig(output_path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, output_path)
     return [y_key for _, _, curves in panels for y_key, _ in curves]
