@@ -113,6 +113,18 @@ class ToyEngineDumpParams(Hook):
                  **{name: p.numpy() for name, p in trainer.model.named_parameters()})
 
 
+@HOOKS.register("ToyEngineDumpQueue")
+class ToyEngineDumpQueue(Hook):
+    """Saves this rank's SwAV queue at the start of the first epoch this process runs
+    (``output_dir/queue.rank{R}.npy``), after SwAVHook (a higher priority) has set it up."""
+
+    def before_epoch(self, trainer):
+        queue = trainer.model.loss.queue
+        if queue is not None and trainer.epoch == trainer.start_epoch:
+            np.save(os.path.join(trainer.output_dir, f"queue.rank{trainer.rank}.npy"),
+                    queue.embeddings.numpy())
+
+
 def toy_config(output_dir, epochs=3, batch_size=8, size=32, hooks=(), val=False, **top_level):
     """A plain-dict config for the toy run (pass ``hooks`` as a list of blocks)."""
     data = {"dataset": {"name": "ToyEngineDataset", "size": size},

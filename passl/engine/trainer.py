@@ -19,7 +19,7 @@ import paddle
 from passl import distributed
 from passl.config import ConfigDict, save_config
 from passl.data import build_dataloader, set_loader_epoch
-from passl.engine import checkpoint
+from passl.engine import checkpoint, world_change
 from passl.engine.amp import MixedPrecision
 from passl.engine.hooks import HOOKS
 from passl.engine.metrics_log import MetricsLog
@@ -66,6 +66,7 @@ class Trainer:
         if "train" not in loaders:
             raise ConfigError("dataloader.train: missing; the trainer needs a train loader")
         seed = cfg.get("seed", 0)
+        resumed = self._load_resume_checkpoint(resume) if resume else None
         self.train_loader = build_dataloader(loaders["train"], mode="train", seed=seed)
         self.val_loader = build_dataloader(loaders["val"], mode="val", seed=seed) \
             if loaders.get("val") else None
@@ -84,8 +85,8 @@ class Trainer:
         self.start_epoch = self.epoch = self.iter = self.inner_iter = 0
         self.outputs, self.batch_images, self.completed = None, 0, False
         self.resumed_rng = None
-        if resume:
-            self._resume(resume)
+        if resumed:
+            self._resume(*resumed)
 
     # ------------------------------------------------------------------ building
 
@@ -171,9 +172,15 @@ class Trainer:
                           key_path=key_path_of(block, "hooks.LoggerHook"),
                           source=getattr(block, "source", None))
 
-    def _resume(self, resume):
+    def _load_resume_checkpoint(self, resume):
+        """``(path, state)`` of ``--resume``, read before the loaders are built: resuming with
+        another number of processes may change the per-process batch (world_change.py)."""
         path = checkpoint.resolve_resume_path(resume, self.output_dir)
         state = checkpoint.load_checkpoint(path)
+        world_change.adapt_config(self.cfg, state, self.world_size, path, self.logger)
+        return path, state
+
+    def _resume(self, path, state):
         self.resumed_rng = checkpoint.restore(self, state, path)
         self.epoch = self.start_epoch
         self.metrics.truncate_after(self.iter)
