@@ -83,12 +83,16 @@ class ToyEngineAccuracy(Hook):
 
 @HOOKS.register("ToyEngineKill")
 class ToyEngineKill(Hook):
-    """SIGKILLs its own process at (epoch, inner_iter) of a run that did not resume."""
+    """SIGKILLs its own process at (epoch, inner_iter) of a run that did not resume
+    (only on ``rank`` when given)."""
 
-    def __init__(self, epoch, inner_iter):
+    def __init__(self, epoch, inner_iter, rank=None):
         self.at = (epoch, inner_iter)
+        self.rank = rank
 
     def before_iter(self, trainer):
+        if self.rank not in (None, trainer.rank):
+            return
         if trainer.start_epoch == 0 and (trainer.epoch, trainer.inner_iter) == self.at:
             os.kill(os.getpid(), signal.SIGKILL)
 
