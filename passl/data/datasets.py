@@ -71,10 +71,14 @@ class ImageDataset(paddle.io.Dataset):
         self.skipped = []  # unreadable paths met by this process (skip_corrupt: true)
 
     def __len__(self):
-        return len(self._paths)
+        return len(self.labels)
 
     def path(self, index):
         return os.path.join(self.root, os.fsdecode(self._paths[index]))
+
+    def read(self, index):
+        """The decoded image of ``index`` (a DataError naming it when unreadable)."""
+        return read_image(self.path(index))
 
     def set_epoch(self, epoch):
         """Select the epoch's augmentations (see the module docstring's seeding rule)."""
@@ -99,13 +103,12 @@ class ImageDataset(paddle.io.Dataset):
         """Image and label of ``index``, or of the next readable sample under skip_corrupt."""
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
-            path = self.path(candidate)
             try:
-                return read_image(path), int(self.labels[candidate])
+                return self.read(candidate), int(self.labels[candidate])
             except DataError:
                 if not self.skip_corrupt:
                     raise
-                self._record_skip(path)
+                self._record_skip(self.path(candidate))
         raise DataError(f"{self.root}: none of the {len(self)} images of this dataset is readable")
 
     def _record_skip(self, path):
