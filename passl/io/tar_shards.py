@@ -130,6 +130,11 @@ class ShardReader:
         self.max_open = max_open
         self._files, self._pid = {}, None
 
+    def close(self):
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
     def where(self, number):
         return f"{os.path.join(self.directory, self.names[self.shard[number]])}:{number:010d}"
 
