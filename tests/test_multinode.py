@@ -10,7 +10,8 @@ import pytest
 
 from passl.engine.metrics_log import read_metrics
 from passl.rendezvous import diagnose, launcher_option
-from test_multiprocess_train import CLI, deterministic_config
+from test_multiprocess_train import CLI, deterministic_config, tiny_swav_config
+from tiny_image_folder import write_image_folder
 from toy_training import write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +89,29 @@ def test_two_nodes_on_loopback_match_one_node_with_two_processes(tmp_path):
         assert code == 0, err[-2000:]
     resumed = [r["loss"] for r in read_metrics(str(tmp_path / "killed" / "metrics.jsonl"), "train")]
     np.testing.assert_allclose(resumed, losses[0], atol=1e-5)
+
+
+def train_losses(output_dir):
+    return [r["loss"] for r in read_metrics(str(output_dir / "metrics.jsonl"), "train")]
+
+
+@pytest.mark.slow
+def test_swav_on_two_nodes_matches_one_node(tmp_path):
+    """Distributed Sinkhorn, the per-rank queue and per-process BatchNorm: 2 x 1 = 1 x 2."""
+    data = write_image_folder(tmp_path / "images", per_class=(16, 1))
+    one = write_config(tiny_swav_config(data, tmp_path / "one"), tmp_path / "one.yaml")
+    result = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
+                             "2", "--log_dir", str(tmp_path / "log_one"), CLI, "-c", one],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    nodes = write_config(tiny_swav_config(data, tmp_path / "nodes"), tmp_path / "nodes.yaml")
+    master = f"127.0.0.1:{free_port()}"
+    for process in [node(tmp_path, f"log_node{i}", master, 2, ["-c", nodes]) for i in (0, 1)]:
+        code, err = finish(process, timeout=600)
+        assert code == 0, err[-2000:]
+    losses = [train_losses(tmp_path / d) for d in ("one", "nodes")]
+    assert len(losses[0]) == 18  # 3 epochs x 6 steps, the queue in use from epoch 1
+    np.testing.assert_allclose(losses[1], losses[0], atol=1e-5)
 
 
 def last_line(err):
