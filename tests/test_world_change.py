@@ -71,6 +71,8 @@ def test_a_global_batch_that_does_not_split_is_one_clear_error():
         "(the lr is then rescaled)")
     world_change.adapt_config(cfg, state, 3, "ckpt.pd", get_logger())  # 6 = 3 x 2 splits
     assert cfg["dataloader"]["train"]["sampler"]["batch_size"] == 2
+    world_change.adapt_config(cfg, state, 3, "ckpt.pd", get_logger())  # now 2 x 3: no change
+    assert cfg["dataloader"]["train"]["sampler"]["batch_size"] == 2 and cfg["lr_scheduler"] == {}
 
 
 def launch_two(tmp_path, cfg_path, log_name, *args):

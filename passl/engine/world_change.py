@@ -46,33 +46,32 @@ def adapt_config(cfg, state, world_size, path, logger):
     """
     saved_world = int(state["world_size"])
     saved_global = saved_global_batch(state)
-    sampler = cfg["dataloader"]["train"].setdefault("sampler", {})
+    sampler = cfg["dataloader"]["train"].get("sampler") or {}
     per_process = sampler.get("batch_size")
-    if per_process == saved_global // saved_world:
-        if saved_world == world_size:
-            return
+    if not isinstance(per_process, int) or per_process * world_size == saved_global:
+        return  # a bad batch_size is reported by the loader; else the global batch is the same
+    change = f"resuming a {saved_world}-process checkpoint with {world_size} process(es): "
+    if per_process == saved_global // saved_world and saved_world != world_size:
         if saved_global % world_size:
             raise UserError(
                 f"--resume {path}: the global batch {saved_global} of the checkpoint cannot be "
                 f"split evenly over {world_size} processes; choose a per-process batch with "
                 f"-o dataloader.train.sampler.batch_size=N (the lr is then rescaled)")
         sampler["batch_size"] = saved_global // world_size
-        logger.warning(f"resuming a {saved_world}-process checkpoint with {world_size} "
-                       f"process(es): global batch {saved_global} kept, per-process batch "
+        logger.warning(f"{change}global batch {saved_global} kept, per-process batch "
                        f"{per_process} -> {sampler['batch_size']}")
         return
     new_global = per_process * world_size
-    schedule = cfg["lr_scheduler"]
+    schedule = cfg.get("lr_scheduler") or {}
     reference = schedule.get("reference_batch_size")
     if reference is None:
         schedule["reference_batch_size"] = saved_global
         rescale = f"lr rescaled by {new_global}/{saved_global} = {new_global / saved_global:g}"
     else:
-        rescale = (f"lr rescaled by the config's reference_batch_size {reference} "
-                   f"(x {new_global / reference:g})")
-    logger.warning(f"resuming a {saved_world}-process checkpoint with {world_size} process(es): "
-                   f"per-process batch_size changed, global batch {saved_global} -> {new_global} "
-                   f"({per_process} per process); {rescale}")
+        rescale = (f"lr scaled by the config's reference_batch_size {reference}: "
+                   f"x {new_global / saved_global:g} against the checkpoint's run")
+    logger.warning(f"{change}per-process batch_size changed, global batch {saved_global} -> "
+                   f"{new_global} ({per_process} per process); {rescale}")
 
 
 def resumed_seed(seed, epoch, rank):
