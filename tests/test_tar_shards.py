@@ -147,3 +147,18 @@ def test_swav_trains_on_shards(shards, tmp_path):
     trainer.train()
     records = read_metrics(str(tmp_path / "run" / "metrics.jsonl"), "train")
     assert len(records) == 12 and all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_make_shards_mistakes_are_one_line(shards, tmp_path):
+    tmp, _ = shards
+    tool = os.path.join(ROOT, "tools", "make_shards.py")
+    cases = [([str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")],
+              f"error: {tmp_path / 'nowhere'}: directory not found; give the ImageFolder root "
+              f"(root/<class>/<image>), or with --list the root of its paths"),
+             ([str(tmp / "images" / "train"), "--output", str(tmp / "shards")],
+              f"error: --output {tmp / 'shards'}: already holds shards (index.npz); choose "
+              f"another directory or delete it")]
+    for args, message in cases:
+        result = subprocess.run([sys.executable, tool, *args], capture_output=True, text=True,
+                                timeout=60)
+        assert (result.returncode, result.stderr) == (2, message + "\n")

@@ -51,10 +51,10 @@ def main(argv=None):
     code = run_launch(launch_args, timeout)
     if code != 0:
         log_dir = launcher_option(launch_args, "--log_dir", "log")
-        print(f"error: the launch failed (exit code {code}): a training process stopped (see "
-              f"{log_dir}/workerlog.* on every node; a killed process takes its peers down "
-              f"with it); run the same command with --resume auto on every node to continue "
-              f"from the last checkpoint", file=sys.stderr)
+        print(f"error: the launch failed (exit code {code}): see the lines above and "
+              f"{log_dir}/workerlog.* on every node (a process that dies takes its peers down "
+              f"with it); once fixed, run the same command with --resume auto on every node "
+              f"to continue from the last checkpoint", file=sys.stderr)
     return code
 
 

@@ -40,6 +40,9 @@ def source_dataset(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if not os.path.isdir(args.root):
+        raise UserError(f"{args.root}: directory not found; give the ImageFolder root "
+                        f"(root/<class>/<image>), or with --list the root of its paths")
     if args.shard_size < 1:
         raise UserError(f"--shard-size {args.shard_size}: expected a positive number of images")
     if os.path.exists(os.path.join(args.output, "index.npz")):
