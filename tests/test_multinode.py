@@ -99,12 +99,17 @@ def train_losses(output_dir):
 def test_swav_on_two_nodes_matches_one_node(tmp_path):
     """Distributed Sinkhorn, the per-rank queue and per-process BatchNorm: 2 x 1 = 1 x 2."""
     data = write_image_folder(tmp_path / "images", per_class=(16, 1))
-    one = write_config(tiny_swav_config(data, tmp_path / "one"), tmp_path / "one.yaml")
+
+    def config(name):  # threads: auto would give 1 thread per process here, 2 on each "node"
+        return write_config({**tiny_swav_config(data, tmp_path / name), "threads": 1},
+                            tmp_path / f"{name}.yaml")
+
+    one = config("one")
     result = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
                              "2", "--log_dir", str(tmp_path / "log_one"), CLI, "-c", one],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    nodes = write_config(tiny_swav_config(data, tmp_path / "nodes"), tmp_path / "nodes.yaml")
+    nodes = config("nodes")
     master = f"127.0.0.1:{free_port()}"
     for process in [node(tmp_path, f"log_node{i}", master, 2, ["-c", nodes]) for i in (0, 1)]:
         code, err = finish(process, timeout=600)
