@@ -12,7 +12,9 @@ import pytest
 
 from passl.config import load_config
 from passl.data import DATASETS
+from passl.data.image_io import decode_image
 from passl.data.shards import ShardBatchSampler, epoch_order
+from passl.data.transforms import build_pipeline
 from passl.engine.metrics_log import read_metrics
 from passl.engine.trainer import Trainer
 from passl.io.tar_shards import ShardError
@@ -162,3 +164,16 @@ def test_make_shards_mistakes_are_one_line(shards, tmp_path):
         result = subprocess.run([sys.executable, tool, *args], capture_output=True, text=True,
                                 timeout=60)
         assert (result.returncode, result.stderr) == (2, message + "\n")
+
+
+def test_augmentations_depend_on_seed_epoch_and_sample_number_only(shards):
+    tmp, _ = shards
+    crops = {"name": "MultiCrop", "nmb_crops": [1, 1], "size_crops": [16, 8],
+             "min_scale_crops": [0.5, 0.2], "max_scale_crops": [1.0, 0.5]}
+    dataset = DATASETS.build({"name": "TarShards", "root": str(tmp / "shards"),
+                              "transforms": [crops], "seed": 4})
+    by_hand = build_pipeline([crops])(decode_image(dataset.reader.read(30)),
+                                      np.random.default_rng([4, 2, 30]))
+    dataset.set_epoch(2)
+    for got, expected in zip(dataset[30][0], by_hand):
+        np.testing.assert_array_equal(got, expected)
