@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -104,8 +105,6 @@ def run_launch(launch_args, timeout):
     Raises UserError (after stopping it) when this node's processes have not all joined
     the process group within ``timeout`` seconds.
     """
-    import tempfile
-
     local = int(launcher_option(launch_args, "--nproc_per_node", "1"))
     with tempfile.TemporaryDirectory(prefix="passl-rendezvous-") as directory:
         env = {**os.environ, REPORT_DIR_ENV: directory}

@@ -4,14 +4,15 @@ import subprocess
 import sys
 
 import numpy as np
+import paddle
 import pytest
 
 from passl.config import load_config
 from passl.engine import checkpoint, world_change
 from passl.engine.metrics_log import read_metrics
 from passl.engine.trainer import Trainer
-from passl.models.losses.swav_queue import SwAVQueue, queue_union, shard_queue_union
 from passl.errors import UserError
+from passl.models.losses.swav_queue import SwAVQueue, queue_union, shard_queue_union
 from passl.solver.lr_scheduler import CosineWarmup
 from passl.utils.logger import get_logger
 from test_multiprocess_train import CLI, tiny_swav_config
@@ -29,15 +30,10 @@ def filled_queues(global_batches, world_size):
     whole = SwAVQueue(CROPS, 2 * batch, DIM)
     ranks = [SwAVQueue(CROPS, 2 * local, DIM) for _ in range(world_size)]
     for g in global_batches:
-        whole.push(paddle_tensor(g))
+        whole.push(paddle.to_tensor(g))
         for r, queue in enumerate(ranks):
-            queue.push(paddle_tensor(g[:, r * local:(r + 1) * local]))
+            queue.push(paddle.to_tensor(g[:, r * local:(r + 1) * local]))
     return whole.embeddings.numpy(), [q.embeddings.numpy() for q in ranks]
-
-
-def paddle_tensor(array):
-    import paddle
-    return paddle.to_tensor(array)
 
 
 def test_queue_union_is_the_queue_of_one_process_and_shards_back():
