@@ -18,7 +18,7 @@ from passl.data.transforms import build_pipeline
 from passl.engine.metrics_log import read_metrics
 from passl.engine.trainer import Trainer
 from passl.io.tar_shards import ShardError
-from test_multiprocess_train import tiny_swav_config
+from test_multiprocess_train import CLI, tiny_swav_config
 from tiny_image_folder import write_image_folder
 from toy_training import write_config
 
@@ -177,3 +177,27 @@ def test_augmentations_depend_on_seed_epoch_and_sample_number_only(shards):
     dataset.set_epoch(2)
     for got, expected in zip(dataset[30][0], by_hand):
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.slow
+def test_two_launched_processes_read_every_image_once_per_epoch(shards, tmp_path):
+    tmp, _ = shards
+    cfg = tiny_swav_config(tmp / "images", tmp_path / "run", hooks=[{"name": "ToyEngineDumpOrder"}])
+    cfg["epochs"] = 2
+    cfg["dataloader"]["train"]["dataset"] = {
+        "name": "TarShards", "root": str(tmp / "shards"),
+        "transforms": cfg["dataloader"]["train"]["dataset"]["transforms"]}
+    cfg["dataloader"]["train"]["loader"] = {"num_workers": 2}
+    result = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
+                             "2", "--log_dir", str(tmp_path / "log"), CLI, "-c",
+                             write_config(cfg, tmp_path / "c.yaml")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, open(tmp_path / "log" / "workerlog.0").read()[-2000:]
+    for epoch in (0, 1):
+        orders = [np.load(tmp_path / "run" / f"order.rank{r}.epoch{epoch}.npy") for r in (0, 1)]
+        assert sorted(np.concatenate(orders).tolist()) == list(range(IMAGES))
+        dataset = DATASETS.build({"name": "TarShards", "root": str(tmp / "shards"), "seed": 3})
+        for rank in (0, 1):  # what each launched rank read is the pure function's answer
+            np.testing.assert_array_equal(orders[rank], epoch_order(
+                dataset.shard_of, 3, epoch, rank, 2, dataset.shuffle_window))
+    assert len(read_metrics(str(tmp_path / "run" / "metrics.jsonl"), "train")) == 12

@@ -129,6 +129,16 @@ class ToyEngineDumpQueue(Hook):
                     queue.embeddings.numpy())
 
 
+@HOOKS.register("ToyEngineDumpOrder")
+class ToyEngineDumpOrder(Hook):
+    """Saves the sample numbers this rank reads in each epoch (a sampler with ``order()``,
+    e.g. TarShards') to ``output_dir/order.rank{R}.epoch{E}.npy``."""
+
+    def before_epoch(self, trainer):
+        np.save(os.path.join(trainer.output_dir, f"order.rank{trainer.rank}.epoch{trainer.epoch}"),
+                trainer.train_loader.batch_sampler.order())
+
+
 def toy_config(output_dir, epochs=3, batch_size=8, size=32, hooks=(), val=False, **top_level):
     """A plain-dict config for the toy run (pass ``hooks`` as a list of blocks)."""
     data = {"dataset": {"name": "ToyEngineDataset", "size": size},
