@@ -118,6 +118,37 @@ def test_padding_repeats_the_first_images_of_the_order_when_ranks_do_not_divide(
     assert sorted(i for i, c in counts.items() if c == 2) == sorted(whole_order[:2].tolist())
 
 
+def whole_order_then_cut(shard_of, seed, epoch, rank, world_size, shuffle_window, shuffle=True):
+    """The module docstring's definition, computed the plain way: the whole epoch's order,
+    padded cyclically, cut into shares, shuffled in windows."""
+    count = len(shard_of)
+    shards = np.unique(shard_of)
+    if shuffle:
+        shards = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    order = np.concatenate([
+        np.flatnonzero(shard_of == s)[np.random.default_rng([seed, epoch, s]).permutation(
+            np.count_nonzero(shard_of == s)) if shuffle else slice(None)] for s in shards])
+    per_rank = -(-count // world_size)
+    share = np.resize(order, per_rank * world_size)[rank * per_rank:(rank + 1) * per_rank]
+    if shuffle and shuffle_window > 1:
+        rng = np.random.default_rng([seed, epoch, rank, world_size])
+        share = np.concatenate([rng.permutation(share[i:i + shuffle_window])
+                                for i in range(0, per_rank, shuffle_window)])
+    return share
+
+
+@pytest.mark.parametrize("sizes", [[10, 10, 10, 10, 8], [7], [3, 1, 5, 2]])
+def test_the_epoch_order_computed_per_share_is_the_definition(sizes):
+    shard_of = np.repeat(np.arange(len(sizes)), sizes)
+    for world_size in (1, 2, 3, 5, 13):
+        for shuffle, window in ((True, 4), (True, 1), (False, 4)):
+            for rank in range(world_size):
+                np.testing.assert_array_equal(
+                    epoch_order(shard_of, 9, 2, rank, world_size, window, shuffle),
+                    whole_order_then_cut(shard_of, 9, 2, rank, world_size, window, shuffle),
+                    err_msg=f"{sizes} world {world_size} rank {rank} shuffle {shuffle}")
+
+
 def test_a_truncated_shard_is_one_line(shards, tmp_path):
     tmp, _ = shards
     copy = tmp_path / "copy"

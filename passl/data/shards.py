@@ -37,21 +37,39 @@ from passl.io.tar_shards import ShardReader, read_index
 def epoch_order(shard_of, seed, epoch, rank, world_size, shuffle_window, shuffle=True):
     """Sample numbers of ``rank``'s share of ``epoch`` (see the module docstring).
 
+    Only the shards that overlap this rank's share are permuted, so the work and memory are
+    about 1/world of the dataset plus one entry per shard.
+
     Args:
         shard_of: shard number of every sample, non-decreasing (the index's ``shard``).
     """
     count = len(shard_of)
-    if shuffle:
-        starts = np.searchsorted(shard_of, np.arange(shard_of[-1] + 2))
-        shards = np.random.default_rng([seed, epoch]).permutation(len(starts) - 1)
-        order = np.concatenate([
-            starts[s] + np.random.default_rng([seed, epoch, s]).permutation(starts[s + 1] - starts[s])
-            for s in shards])
-    else:
-        order = np.arange(count)
+    starts = np.searchsorted(shard_of, np.arange(shard_of[-1] + 2))  # shard s: starts[s:s+2]
+    sizes = np.diff(starts)
+    shards = np.random.default_rng([seed, epoch]).permutation(len(sizes)) if shuffle \
+        else np.arange(len(sizes))
+    ends = np.cumsum(sizes[shards])  # where each shard ends in the epoch's order
+
+    def order_between(lo, hi):
+        """Positions [lo, hi) of the epoch's order, 0 <= lo <= hi <= count."""
+        parts = []
+        for k in range(int(np.searchsorted(ends, lo, side="right")), len(shards)):
+            shard, begin = shards[k], ends[k] - sizes[shards[k]]
+            if begin >= hi:
+                break
+            within = np.random.default_rng([seed, epoch, shard]).permutation(sizes[shard]) \
+                if shuffle else np.arange(sizes[shard])
+            parts.append(starts[shard] + within[max(lo - begin, 0):min(hi, ends[k]) - begin])
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
     per_rank = -(-count // world_size)
-    order = np.concatenate([order, order[:per_rank * world_size - count]])
-    share = order[rank * per_rank:(rank + 1) * per_rank]
+    parts, position = [], rank * per_rank
+    while position < (rank + 1) * per_rank:  # the padded order repeats the order
+        base = position - position % count
+        stop = min((rank + 1) * per_rank, base + count)
+        parts.append(order_between(position - base, stop - base))
+        position = stop
+    share = np.concatenate(parts)
     if shuffle and shuffle_window > 1:
         rng = np.random.default_rng([seed, epoch, rank, world_size])
         share = np.concatenate([rng.permutation(share[i:i + shuffle_window])
