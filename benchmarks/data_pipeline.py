@@ -7,6 +7,11 @@ normalise) as float32 CHW: PASSL's OpenCV pipeline through ``ImageFolder`` +
 ``paddle.vision.transforms`` (blur through Pillow's filter, as the SwAV reference does).
 Everything runs in this process on one thread; rounds alternate between the two and
 the median images/s of each is reported.
+
+``--dataset shards`` compares PASSL's own pipeline reading the same JPEGs from tar shards
+(``TarShards``) against reading them as files (``ImageFolder``), and adds the rates of
+reading the encoded bytes alone with a warm and a cold page cache (the files' pages are
+dropped with ``posix_fadvise``), which is where the two differ.
 """
 import json
 import os
@@ -26,6 +31,9 @@ def add_arguments(parser):
     parser.add_argument("--images", type=int, default=64, help="JPEGs per round (default 64)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per pipeline (default 5)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the test images")
+    parser.add_argument("--dataset", choices=("folder", "shards"), default="folder",
+                        help="folder: PASSL vs Pillow, both on image files (default); shards: "
+                             "PASSL on TarShards vs PASSL on ImageFolder, plus raw read rates")
 
 
 def single_thread():
@@ -74,6 +82,59 @@ def passl_pipeline(root):
     return dataset.__getitem__
 
 
+def shards_pipeline(root, shard_dir):
+    """The TarShards dataset (multi-crop) of ``root``'s images, packed into ``shard_dir``."""
+    from passl.data.datasets import ImageFolder
+    from passl.data.shards import TarShards
+    from passl.io.tar_shards import image_extension, write_shards
+
+    folder = ImageFolder(root)
+    samples = ((image_extension(folder.path(i)), open(folder.path(i), "rb").read(), 0)
+               for i in range(len(folder)))
+    write_shards(samples, shard_dir, shard_size=1000)
+    return TarShards(shard_dir, transforms=[dict(name="MultiCrop", **SWAV_RECIPE)])
+
+
+def drop_from_page_cache(paths):
+    """Ask the kernel to forget these files' cached pages (cold reads; no root needed)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def read_rates(paths, shards, rounds):
+    """Images/s of reading the encoded bytes only (no decode), warm and cold page cache:
+    one open + read + close per file against seek + read in open shards."""
+    shard_files = [os.path.join(shards.root, str(n)) for n in shards.reader.names]
+
+    def files():
+        for path in paths:
+            with open(path, "rb") as f:
+                f.read()
+
+    def packed():
+        for number in range(len(shards)):
+            shards.reader.read(number)
+
+    rates = {}
+    for name, read, cached in (("folder", files, paths), ("shards", packed, shard_files)):
+        for cache in ("warm", "cold"):
+            timings = []
+            for _ in range(rounds):
+                if cache == "cold":
+                    shards.reader.close()
+                    drop_from_page_cache(cached)
+                start = time.perf_counter()
+                read()
+                timings.append(len(paths) / (time.perf_counter() - start))
+            rates[f"{name}_{cache}"] = round(statistics.median(timings), 1)
+    return rates
+
+
 def baseline_pipeline(paths):
     """index -> crops with Pillow + paddle.vision.transforms (the SwAV reference recipe)."""
     import paddle.vision.transforms as T
@@ -113,12 +174,19 @@ def images_per_second(pipeline, count):
     return count / (time.perf_counter() - start)
 
 
-def measure(images, rounds, quality):
+def measure(images, rounds, quality, dataset="folder"):
     """Median images/s of both pipelines over alternating rounds (after one warm-up image)."""
     single_thread()
-    with tempfile.TemporaryDirectory(prefix="passl_bench_data_") as root:
+    reads = None
+    with tempfile.TemporaryDirectory(prefix="passl_bench_data_") as root, \
+            tempfile.TemporaryDirectory(prefix="passl_bench_shards_") as shard_dir:
         paths = make_photos(os.path.join(root, "photos"), images, quality)
-        ours, baseline = passl_pipeline(root), baseline_pipeline(paths)
+        if dataset == "shards":  # ours = TarShards, baseline = ImageFolder, both PASSL
+            shards = shards_pipeline(root, shard_dir)
+            reads = read_rates(paths, shards, rounds)
+            ours, baseline = shards.__getitem__, passl_pipeline(root)
+        else:
+            ours, baseline = passl_pipeline(root), baseline_pipeline(paths)
         ours(0), baseline(0)
         timings = {"ours": [], "baseline": []}
         for _ in range(rounds):
@@ -126,8 +194,9 @@ def measure(images, rounds, quality):
             timings["baseline"].append(images_per_second(baseline, images))
         mean_kb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
     ours_ips, baseline_ips = statistics.median(timings["ours"]), statistics.median(timings["baseline"])
-    return {
+    result = {
         "benchmark": "data",
+        "dataset": dataset,
         "images_per_s": round(ours_ips, 2),
         "baseline_images_per_s": round(baseline_ips, 2),
         "ratio": round(ours_ips / baseline_ips, 3),
@@ -138,23 +207,34 @@ def measure(images, rounds, quality):
         "rounds": rounds,
         "threads": 1,
     }
+    if reads:
+        result["read_images_per_s"] = reads
+    return result
 
 
 def print_table(result):
-    rows = [("PASSL OpenCV (ImageFolder + MultiCrop)", result["images_per_s"]),
-            ("Pillow + paddle.vision.transforms", result["baseline_images_per_s"])]
+    if result["dataset"] == "shards":
+        rows = [("PASSL OpenCV (TarShards + MultiCrop)", result["images_per_s"]),
+                ("PASSL OpenCV (ImageFolder + MultiCrop)", result["baseline_images_per_s"])]
+    else:
+        rows = [("PASSL OpenCV (ImageFolder + MultiCrop)", result["images_per_s"]),
+                ("Pillow + paddle.vision.transforms", result["baseline_images_per_s"])]
     print(f"SwAV multi-crop {result['crops']} on {result['images']} JPEGs of {result['image_size']} "
           f"(~{result['jpeg_kb']} KB), 1 thread, median of {result['rounds']} rounds")
     print(f"{'pipeline':<40} {'images/s':>10} {'ms/image':>10}")
     for name, ips in rows:
         print(f"{name:<40} {ips:>10.1f} {1000 / ips:>10.2f}")
     print(f"{'ratio':<40} {result['ratio']:>10.2f}x")
+    for name, ips in result.get("read_images_per_s", {}).items():
+        source, cache = name.split("_")
+        print(f"{'read only, ' + source + ', ' + cache + ' cache':<40} {ips:>10.1f} "
+              f"{1000 / ips:>10.3f}")
 
 
 def main(args):
     if args.images < 1 or args.rounds < 1:
         raise SystemExit("error: --images and --rounds must be at least 1")
-    result = measure(args.images, args.rounds, args.quality)
+    result = measure(args.images, args.rounds, args.quality, args.dataset)
     print_table(result)
     if args.json:
         print(json.dumps(result))

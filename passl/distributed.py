@@ -9,6 +9,8 @@ import os
 import paddle
 import paddle.distributed as dist
 
+from passl import rendezvous
+
 
 def is_initialized():
     return dist.is_initialized()
@@ -32,9 +34,14 @@ def launched_world_size():
 
 
 def init_process_group():
-    """Join the process group when started by the launcher; returns the world size."""
+    """Join the process group when started by the launcher; returns the world size.
+
+    Reports both stages to ``tools/launch.py``'s rendezvous deadline (passl/rendezvous.py).
+    """
     if launched_world_size() > 1 and not dist.is_initialized():
+        rendezvous.report("started")
         dist.init_parallel_env()
+    rendezvous.report("joined")
     return get_world_size()
 
 

@@ -83,12 +83,16 @@ class ToyEngineAccuracy(Hook):
 
 @HOOKS.register("ToyEngineKill")
 class ToyEngineKill(Hook):
-    """SIGKILLs its own process at (epoch, inner_iter) of a run that did not resume."""
+    """SIGKILLs its own process at (epoch, inner_iter) of a run that did not resume
+    (only on ``rank`` when given)."""
 
-    def __init__(self, epoch, inner_iter):
+    def __init__(self, epoch, inner_iter, rank=None):
         self.at = (epoch, inner_iter)
+        self.rank = rank
 
     def before_iter(self, trainer):
+        if self.rank not in (None, trainer.rank):
+            return
         if trainer.start_epoch == 0 and (trainer.epoch, trainer.inner_iter) == self.at:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -111,6 +115,28 @@ class ToyEngineDumpParams(Hook):
     def after_run(self, trainer):
         np.savez(os.path.join(trainer.output_dir, f"params.rank{trainer.rank}.npz"),
                  **{name: p.numpy() for name, p in trainer.model.named_parameters()})
+
+
+@HOOKS.register("ToyEngineDumpQueue")
+class ToyEngineDumpQueue(Hook):
+    """Saves this rank's SwAV queue at the start of the first epoch this process runs
+    (``output_dir/queue.rank{R}.npy``), after SwAVHook (a higher priority) has set it up."""
+
+    def before_epoch(self, trainer):
+        queue = trainer.model.loss.queue
+        if queue is not None and trainer.epoch == trainer.start_epoch:
+            np.save(os.path.join(trainer.output_dir, f"queue.rank{trainer.rank}.npy"),
+                    queue.embeddings.numpy())
+
+
+@HOOKS.register("ToyEngineDumpOrder")
+class ToyEngineDumpOrder(Hook):
+    """Saves the sample numbers this rank reads in each epoch (a sampler with ``order()``,
+    e.g. TarShards') to ``output_dir/order.rank{R}.epoch{E}.npy``."""
+
+    def before_epoch(self, trainer):
+        np.save(os.path.join(trainer.output_dir, f"order.rank{trainer.rank}.epoch{trainer.epoch}"),
+                trainer.train_loader.batch_sampler.order())
 
 
 def toy_config(output_dir, epochs=3, batch_size=8, size=32, hooks=(), val=False, **top_level):

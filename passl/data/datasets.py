@@ -84,7 +84,7 @@ class ImageDataset(paddle.io.Dataset):
         return [relative_paths[i] for i in kept], [labels[i] for i in kept]
 
     def __len__(self):
-        return len(self._paths)
+        return len(self.labels)
 
     def relative_paths(self):
         """Every image path relative to ``root``, in index order."""
@@ -92,6 +92,10 @@ class ImageDataset(paddle.io.Dataset):
 
     def path(self, index):
         return os.path.join(self.root, os.fsdecode(self._paths[index]))
+
+    def read(self, index):
+        """The decoded image of ``index`` (a DataError naming it when unreadable)."""
+        return read_image(self.path(index))
 
     def set_epoch(self, epoch):
         """Select the epoch's augmentations (see the module docstring's seeding rule)."""
@@ -116,13 +120,12 @@ class ImageDataset(paddle.io.Dataset):
         """Image and label of ``index``, or of the next readable sample under skip_corrupt."""
         for offset in range(len(self)):
             candidate = (index + offset) % len(self)
-            path = self.path(candidate)
             try:
-                return read_image(path), int(self.labels[candidate])
+                return self.read(candidate), int(self.labels[candidate])
             except DataError:
                 if not self.skip_corrupt:
                     raise
-                self._record_skip(path)
+                self._record_skip(self.path(candidate))
         raise DataError(f"{self.root}: none of the {len(self)} images of this dataset is readable")
 
     def _record_skip(self, path):

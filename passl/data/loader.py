@@ -89,9 +89,12 @@ class RankShard(Sampler):
 
 def build_batch_sampler(dataset, mode, batch_size, shuffle, drop_last):
     """Training: DistributedBatchSampler (a new permutation per epoch, the same on every
-    rank). Ordered evaluation: :class:`RankShard` batches, without padding."""
+    rank), or the dataset's own ``batch_sampler`` when it has one (TarShards).
+    Ordered evaluation: :class:`RankShard` batches, without padding."""
     if mode == "val" and not shuffle:
         return BatchSampler(sampler=RankShard(dataset), batch_size=batch_size, drop_last=drop_last)
+    if hasattr(dataset, "batch_sampler"):  # a dataset with its own reading order (TarShards)
+        return dataset.batch_sampler(batch_size, shuffle, drop_last)
     return DistributedBatchSampler(dataset, batch_size=batch_size, shuffle=shuffle,
                                    drop_last=drop_last)
 
@@ -204,6 +207,6 @@ def set_loader_epoch(loader, epoch):
     """Prepare ``loader`` for ``epoch``: the sampler's permutation (Paddle seeds it with the
     epoch, so it is the same on every rank; ordered evaluation samplers have none) and the
     dataset's augmentations."""
-    if isinstance(loader.batch_sampler, DistributedBatchSampler):
+    if hasattr(loader.batch_sampler, "set_epoch"):
         loader.batch_sampler.set_epoch(epoch)
     loader.dataset.set_epoch(epoch)

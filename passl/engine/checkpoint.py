@@ -18,6 +18,8 @@ Content (one ``paddle.save`` dict, written by rank 0)::
     lr_scheduler           its state_dict (the iteration it is at)
     amp_scaler             GradScaler state (float16 AMP), else {}
     world_size             processes that wrote it
+    global_batch_size      images per step over all of them (resuming on another world
+                           size: passl/engine/world_change.py)
     per_rank               one entry per rank: hook states (the SwAV queue) and RNG states
     config                 the resolved config of the run
 
@@ -34,6 +36,7 @@ import numpy as np
 import paddle
 
 from passl import distributed
+from passl.engine import world_change
 from passl.errors import UserError
 from passl.io.paddle_file import load_paddle_file
 
@@ -239,6 +242,7 @@ def capture(trainer):
         "lr_scheduler": trainer.lr_scheduler.state_dict(),
         "amp_scaler": trainer.amp.state_dict(),
         "world_size": trainer.world_size,
+        "global_batch_size": trainer.global_batch_size,
         "per_rank": per_rank,
         "config": trainer.cfg.to_dict() if hasattr(trainer.cfg, "to_dict") else dict(trainer.cfg),
     }
@@ -301,18 +305,18 @@ def restore(trainer, state, path):
     if state.get("amp_scaler"):
         trainer.amp.set_state_dict(state["amp_scaler"])
     trainer.start_epoch, trainer.iter = int(state["epoch"]), int(state["iter"])
-    saved_world = int(state["world_size"])
-    if saved_world != trainer.world_size:
-        if any(any(rank_state["hooks"].values()) for rank_state in state["per_rank"]):
-            raise UserError(f"--resume {path}: written by {saved_world} processes, this run has "
-                            f"{trainer.world_size}; its per-process state (e.g. the SwAV queue) "
-                            f"cannot be split differently: resume with {saved_world} processes")
-        trainer.logger.warning(f"resuming a {saved_world}-process checkpoint with "
-                               f"{trainer.world_size} processes: model and optimizer are "
-                               f"restored, the random streams start afresh")
-        return None
-    own = state["per_rank"][trainer.rank]
     hooks = trainer.hooks
+    if world_change.layout_changed(state, trainer.world_size, trainer.global_batch_size):
+        for i, hook in enumerate(hooks):
+            key = hook_key(hooks, i)
+            rank_states = [rank_state["hooks"].get(key, {}) for rank_state in state["per_rank"]]
+            if any(rank_states):
+                hook.set_state_dict(hook.state_from_ranks(rank_states,
+                                                          world_change.saved_global_batch(state),
+                                                          trainer))
+        world_change.continue_on_new_layout(trainer, state)
+        return rng_state()
+    own = state["per_rank"][trainer.rank]
     for i, hook in enumerate(hooks):
         key = hook_key(hooks, i)
         if own["hooks"].get(key):

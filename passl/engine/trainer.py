@@ -19,7 +19,7 @@ import paddle
 from passl import distributed
 from passl.config import ConfigDict, save_config
 from passl.data import build_dataloader, set_loader_epoch
-from passl.engine import checkpoint, run_dir
+from passl.engine import checkpoint, run_dir, world_change
 from passl.engine.amp import MixedPrecision
 from passl.engine.hooks import HOOKS
 from passl.engine.metrics_log import MetricsLog
@@ -74,6 +74,7 @@ class Trainer:
         self.model = self._build_model(pretrained, pretrained_strict, load)
         loaders = cfg.get("dataloader") or {}
         seed = cfg.get("seed", 0)
+        resumed = self._load_resume_checkpoint(resume) if resume else None
         self.val_loader = build_dataloader(loaders["val"], mode="val", seed=seed) \
             if loaders.get("val") else None
         if not evaluate_only:
@@ -83,8 +84,8 @@ class Trainer:
         self.start_epoch = self.epoch = self.iter = self.inner_iter = 0
         self.outputs, self.batch_images, self.completed = None, 0, False
         self.resumed_rng = None
-        if resume:
-            self._resume(resume)
+        if resumed:
+            self._resume(*resumed)
         self._open_output_dir(archive_old_run)
         if resume:
             self.metrics.truncate_after(self.iter)  # steps logged after the checkpoint
@@ -201,9 +202,15 @@ class Trainer:
                           key_path=key_path_of(block, "hooks.LoggerHook"),
                           source=getattr(block, "source", None))
 
-    def _resume(self, resume):
+    def _load_resume_checkpoint(self, resume):
+        """``(path, state)`` of ``--resume``, read before the loaders are built: resuming with
+        another number of processes may change the per-process batch (world_change.py)."""
         path = checkpoint.resolve_resume_path(resume, self.output_dir)
         state = checkpoint.load_checkpoint(path, trust=self.trust_file)
+        world_change.adapt_config(self.cfg, state, self.world_size, path, self.logger)
+        return path, state
+
+    def _resume(self, path, state):
         self.resumed_rng = checkpoint.restore(self, state, path)
         self.epoch = self.start_epoch
         self.logger.info(f"resumed from {path}: {self.start_epoch} epoch(s), {self.iter} "

@@ -71,3 +71,12 @@ class Hook:
 
     def set_state_dict(self, state):
         pass
+
+    def state_from_ranks(self, rank_states, saved_global_batch, trainer):
+        """This rank's state when resuming a checkpoint of another world size or global batch.
+
+        ``rank_states`` holds the saved ``state_dict()`` of every saving rank, in rank order.
+        The default suits state that is the same on every rank (a best metric): rank 0's.
+        A hook whose state differs per rank (SwAV's queue) overrides this.
+        """
+        return rank_states[0]

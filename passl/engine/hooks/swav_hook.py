@@ -1,7 +1,8 @@
 """SwAV's training-time schedule: frozen prototypes at the start, and the embedding queue."""
 from passl.engine.hooks.base import HOOKS, Hook, Priority
 from passl.errors import ConfigError
-from passl.models.losses.swav_queue import SwAVQueue, queue_rows_per_rank
+from passl.models.losses.swav_queue import (SwAVQueue, queue_rows_per_rank, queue_union,
+                                            shard_queue_union)
 
 
 @HOOKS.register()
@@ -92,3 +93,24 @@ class SwAVHook(Hook):
             if self.queue is not None:
                 self.queue.set_state_dict(self._queue_state)
                 self._queue_state = None
+
+    def state_from_ranks(self, rank_states, saved_global_batch, trainer):
+        """Re-shard the saved queues: their union (newest first, ranks in order within a step,
+        see :func:`~passl.models.losses.swav_queue.queue_union`) is split over this run's
+        ranks; the newest embeddings are kept when the new queue is shorter."""
+        queues = [state.get("queue") for state in rank_states]
+        if not all(queues) or self.queue_length == 0:
+            return {}  # no queue yet (it starts at epoch_queue_starts) or none wanted
+        union = queue_union([q["embeddings"] for q in queues], saved_global_batch // len(queues))
+        rows = queue_rows_per_rank(self.queue_length, trainer.global_batch_size,
+                                   trainer.world_size)
+        local_batch = trainer.global_batch_size // trainer.world_size
+        embeddings, complete = shard_queue_union(union, trainer.world_size, trainer.rank,
+                                                 local_batch, rows)
+        trainer.logger.info(
+            f"SwAV queue re-sharded: {union.shape[1]} queued embeddings per assignment crop from "
+            f"{len(queues)} rank(s) -> {rows} on each of {trainer.world_size} rank(s), newest "
+            f"first" + ("" if complete else "; the oldest rows are empty, so the queue is used "
+                                            "again once it has refilled"))
+        return {"queue": {"embeddings": embeddings,
+                          "in_use": complete and all(q["in_use"] for q in queues)}}

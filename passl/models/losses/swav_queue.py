@@ -5,6 +5,7 @@ prototypes; prepending the embeddings of the last few batches (scored with the
 current prototypes) gives Sinkhorn enough columns. Only this batch's codes are
 used by the loss.
 """
+import numpy as np
 import paddle
 
 from passl.errors import ConfigError
@@ -27,6 +28,44 @@ def queue_rows_per_rank(queue_length, global_batch_size, world_size):
         get_logger().info("SwAV queue: queue_length %d rounded down to %d, a multiple of the "
                           "global batch %d", queue_length, rounded, global_batch_size)
     return rounded // world_size
+
+
+def queue_union(rank_embeddings, local_batch):
+    """All ranks' queues as one newest-first sequence, ``[num_assign_crops, sum rows, dim]``.
+
+    Order of the union: the pushed batches newest first, and within one step the ranks in
+    rank order. That is the order of the global batch (the distributed batch sampler gives
+    rank r the r-th slice of each global batch), so the union is the queue a single process
+    would hold after the same steps with the whole global batch.
+
+    Args:
+        rank_embeddings: one ``[num_assign_crops, rows, dim]`` array per rank, in rank order.
+        local_batch: images per step on each rank when the queues were filled.
+    """
+    arrays = [np.asarray(e) for e in rank_embeddings]
+    crops, rows, dim = arrays[0].shape
+    steps = rows // local_batch
+    # [crops, steps, ranks, local_batch, dim]: step-major, then rank
+    by_step = np.stack([a.reshape(crops, steps, local_batch, dim) for a in arrays], axis=2)
+    return by_step.reshape(crops, steps * len(arrays) * local_batch, dim)
+
+
+def shard_queue_union(union, world_size, rank, local_batch, rows):
+    """Rank ``rank``'s ``rows`` of ``union`` (see :func:`queue_union`) in a run of
+    ``world_size`` ranks with ``local_batch`` images per rank and step.
+
+    The newest ``rows * world_size`` embeddings are kept and regrouped into global batches,
+    rank ``rank`` taking slice ``rank`` of each; when the union is shorter, the oldest end is
+    zero-filled (the queue then waits until it is full again). Returns ``(array, complete)``,
+    ``complete`` saying that no zero-filling was needed.
+    """
+    crops, length, dim = union.shape
+    total = rows * world_size
+    kept = np.zeros((crops, total, dim), dtype=union.dtype)
+    kept[:, :min(length, total)] = union[:, :total]
+    steps = rows // local_batch
+    shard = kept.reshape(crops, steps, world_size, local_batch, dim)[:, :, rank]
+    return shard.reshape(crops, rows, dim), length >= total
 
 
 class SwAVQueue:
