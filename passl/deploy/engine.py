@@ -84,6 +84,18 @@ class InferenceEngine:
         return self.output.copy_to_cpu()
 
 
+class ModelFeatures(paddle.nn.Layer):
+    """``images -> model.extract_features(images)``: the pooled features kNN and the linear
+    layer see, as a layer with a single-tensor forward that paddle.jit.save can trace."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model.extract_features(images)
+
+
 @contextlib.contextmanager
 def eval_mode(layer):
     """``layer`` and its sublayers in eval mode inside the block, their own modes after.

@@ -19,7 +19,7 @@ import paddle
 from passl.config import to_plain
 from passl.data import DATASETS
 from passl.data.transforms import build_pipeline
-from passl.deploy.engine import InferenceEngine, eval_mode, save_static
+from passl.deploy.engine import InferenceEngine, ModelFeatures, eval_mode, save_static
 from passl.engine.checkpoint import load_model_weights
 from passl.errors import ConfigError, UserError
 from passl.io.inference_model import META_FILE, OUTPUTS, model_prefix, write_meta
@@ -46,9 +46,9 @@ class ClassifierLogits(paddle.nn.Layer):
 
 def exported_layer(model, output):
     if output == "features":
-        if not hasattr(model, "backbone"):
-            raise UserError(f"model: {type(model).__name__} has no backbone to export")
-        return model.backbone
+        if not hasattr(model, "extract_features"):
+            raise UserError(f"model: {type(model).__name__} has no extract_features() to export")
+        return ModelFeatures(model)
     if not hasattr(model, "fc"):
         raise UserError(f"--what logits: model {type(model).__name__} has no classifier; "
                         f"export its backbone with --what features")
