@@ -15,7 +15,7 @@ from passl.deploy.engine import InferenceEngine, compile_layer
 from passl.deploy.predict import Predictor, file_list_path
 from passl.engine.checkpoint import load_model_weights
 from passl.engine.trainer import Trainer
-from passl.errors import UserError
+from passl.errors import ConfigError, UserError
 from passl.evaluation.knn import extract_features, feature_function, knn_evaluate
 from passl.evaluation.knn_eval import memory_bank_blocks
 from passl.io.inference_model import META_FILE, read_model_dir
@@ -255,3 +255,34 @@ def test_compiled_layer_is_a_frozen_copy_and_leaves_modes_alone():
     assert relative_difference(engine(x), expected) <= 1e-5
     layer[0].weight.set_value(layer[0].weight * 2)
     assert relative_difference(engine(x), expected) <= 1e-5
+
+
+def test_frozen_backbone_engine_gives_the_dygraph_step(digits):
+    """backbone_engine: inference trains the linear layer on the same features (1e-5) and
+    compiles again after set_state_dict."""
+    block = {**digits["cfg"].model.to_dict(), "backbone_engine": "inference"}
+    fast, reference = MODELS.build(block), trained_model(digits)
+    fast.set_state_dict(reference.state_dict())
+    fast.train(), reference.train()
+    images = paddle.to_tensor(np.random.default_rng(1).standard_normal((6, 3, 32, 32))
+                              .astype("float32"))
+    labels = paddle.to_tensor(np.arange(6).reshape(6, 1))
+    outputs = [model((images, labels)) for model in (fast, reference)]
+    for out in outputs:
+        out["loss"].backward()
+    assert abs(float(outputs[0]["loss"]) - float(outputs[1]["loss"])) <= 1e-5 * float(
+        outputs[1]["loss"])
+    assert relative_difference(fast.fc.weight.grad.numpy(),
+                               reference.fc.weight.grad.numpy()) <= 1e-5
+    assert fast.backbone.conv1.weight.grad is None  # the frozen backbone gets no gradient
+
+    paddle.seed(5)
+    other = MODELS.build(digits["cfg"].model.to_dict())
+    fast.set_state_dict(other.state_dict())
+    fast.eval(), other.eval()
+    with paddle.no_grad():
+        assert relative_difference(fast.extract_features(images).numpy(),
+                                   other.extract_features(images).numpy()) <= 1e-5
+
+    with pytest.raises(ConfigError, match="backbone_engine: inference runs a frozen copy"):
+        MODELS.build({**block, "freeze_backbone": False})
