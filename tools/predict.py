@@ -28,6 +28,9 @@ def parse_args(argv):
                         help="images per run for a dynamic-batch export (16)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
                         help="Paddle Inference device (auto: GPU when Paddle sees one)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
+                        help="bfloat16: oneDNN on CPUs with AVX512-BF16, ~2x faster, "
+                             "~1e-2 relative error (default float32)")
     return parser.parse_args(argv)
 
 
@@ -42,7 +45,8 @@ def main(argv=None):
     from passl.runtime import configure_cpu_threads
     configure_cpu_threads()
     from passl.deploy.predict import Predictor, list_images, write_features
-    predictor = Predictor(args.model_dir, device=args.device, batch_size=args.batch_size)
+    predictor = Predictor(args.model_dir, device=args.device, batch_size=args.batch_size,
+                          precision=args.precision)
     if predictor.meta["output"] == "features" and not args.features:
         raise UserError(f"model dir {args.model_dir}: this export outputs features, not "
                         f"classes; pass --features OUT.npy to write them")

@@ -15,16 +15,12 @@ import paddle
 
 from passl.errors import UserError
 from passl.io.inference_model import model_prefix
-from passl.runtime import threads_per_process
+from passl.runtime import has_gpu, threads_per_process
 
 PRECISIONS = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "gpu")
 # GPU memory pool Paddle Inference starts with (MB); it grows on demand.
 GPU_INITIAL_POOL_MB = 256
-
-
-def has_gpu():
-    return paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
 def cpu_supports_bfloat16():
@@ -42,7 +38,8 @@ class InferenceEngine:
     Args:
         graph_file, params_file: what ``paddle.jit.save`` wrote.
         device: ``cpu``, ``gpu`` or ``auto`` (GPU when Paddle sees one).
-        threads: CPU math threads (None: as the process, :func:`passl.runtime.threads_per_process`).
+        threads: CPU math threads (None: as the process,
+            :func:`passl.runtime.threads_per_process`).
         onednn: use oneDNN kernels on CPU (Paddle's default; ``False`` for the plain CPU path).
         precision: ``float32`` or ``bfloat16`` (oneDNN on CPU only).
     """
@@ -52,14 +49,19 @@ class InferenceEngine:
         if device not in DEVICES:
             raise UserError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
         if precision not in PRECISIONS:
-            raise UserError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+            raise UserError(f"precision: expected one of {', '.join(PRECISIONS)}, "
+                            f"got {precision!r}")
         if device == "gpu" and not has_gpu():
             raise UserError("device gpu: Paddle sees no CUDA device; use --device cpu")
+        self.device = "gpu" if device == "gpu" or (device == "auto" and has_gpu()) else "cpu"
+        if precision == "bfloat16" and (self.device != "cpu" or not onednn):
+            raise UserError("precision bfloat16 runs on CPU with oneDNN only")
         config = paddle.inference.Config(graph_file, params_file)
         config.disable_glog_info()
-        self.device = "gpu" if device == "gpu" or (device == "auto" and has_gpu()) else "cpu"
         if self.device == "gpu":
-            config.enable_use_gpu(GPU_INITIAL_POOL_MB, int(os.environ.get("FLAGS_selected_gpus", 0)))
+            # the launcher's local rank picks the card, as passl.runtime.select_device does
+            card = int(os.environ.get("PADDLE_LOCAL_RANK", "0"))
+            config.enable_use_gpu(GPU_INITIAL_POOL_MB, card)
         else:
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(int(threads or threads_per_process()))
@@ -69,8 +71,6 @@ class InferenceEngine:
                     config.enable_onednn_bfloat16()
             else:
                 config.disable_onednn()
-        if precision == "bfloat16" and (self.device != "cpu" or not onednn):
-            raise UserError("precision bfloat16 runs on CPU with oneDNN only")
         self.predictor = paddle.inference.create_predictor(config)
         self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
