@@ -257,7 +257,7 @@ def test_compiled_layer_is_a_frozen_copy_and_leaves_modes_alone():
     assert relative_difference(engine(x), expected) <= 1e-5
 
 
-def test_frozen_backbone_engine_gives_the_dygraph_step(digits):
+def test_frozen_backbone_engine_gives_the_dygraph_step(digits, tmp_path):
     """backbone_engine: inference trains the linear layer on the same features (1e-5) and
     compiles again after set_state_dict."""
     block = {**digits["cfg"].model.to_dict(), "backbone_engine": "inference"}
@@ -283,6 +283,15 @@ def test_frozen_backbone_engine_gives_the_dygraph_step(digits):
     with paddle.no_grad():
         assert relative_difference(fast.extract_features(images).numpy(),
                                    other.extract_features(images).numpy()) <= 1e-5
+
+    # exporting such a model traces the dygraph backbone
+    directory = str(tmp_path / "export")
+    EXPORT.main(["-c", digits["config"], "--load", digits["checkpoint"], "--output", directory,
+                 "-o", "+model.backbone_engine=inference"])
+    graph, params, _ = read_model_dir(directory)
+    with paddle.no_grad():
+        expected = reference.fc(reference.extract_features(images)).numpy()
+    assert relative_difference(InferenceEngine(graph, params)(images.numpy()), expected) <= 1e-5
 
     with pytest.raises(ConfigError, match="backbone_engine: inference runs a frozen copy"):
         MODELS.build({**block, "freeze_backbone": False})

@@ -76,8 +76,8 @@ class Classification(nn.Layer):
 
     def extract_features(self, images):
         """Pooled backbone features ``[B, C]`` (what kNN and the linear layer see)."""
-        if self.backbone_engine == "dygraph":
-            return self.backbone(images)
+        if self.backbone_engine == "dygraph" or not paddle.in_dynamic_mode():
+            return self.backbone(images)  # also while paddle.jit.save traces this model
         if self._compiled_backbone is None:
             from passl.deploy.engine import compile_layer
             self._compiled_backbone = compile_layer(self.backbone, [-1, 3, -1, -1])
