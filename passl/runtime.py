@@ -66,16 +66,22 @@ def seed_everything(seed, rank=0):
     return value
 
 
+def has_gpu():
+    """True when Paddle is built with CUDA and sees at least one card."""
+    import paddle
+    return paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
 def select_device(device="auto"):
     """'cpu' or 'gpu' from the config's ``device``; sets Paddle's device and returns the choice."""
     import paddle
     if device not in DEVICES:
         raise ConfigError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
-    has_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-    if device == "gpu" and not has_gpu:
+    gpu = has_gpu()
+    if device == "gpu" and not gpu:
         raise ConfigError("device: gpu requested but Paddle has no visible CUDA device; "
                           "install paddlepaddle-gpu or use -o device=cpu")
-    chosen = "gpu" if device == "gpu" or (device == "auto" and has_gpu) else "cpu"
+    chosen = "gpu" if device == "gpu" or (device == "auto" and gpu) else "cpu"
     if chosen == "gpu":
         paddle.set_device(f"gpu:{int(os.environ.get('PADDLE_LOCAL_RANK', '0'))}")
     else:

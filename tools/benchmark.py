@@ -17,6 +17,8 @@ BENCHMARKS = {
              "multi-crop images/s: PASSL's OpenCV pipeline vs Pillow + paddle.vision.transforms"),
     "train": ("benchmarks.train_step",
               "SwAV training step: images/s, GFLOP/s, peak RSS (model, loss, LARS)"),
+    "infer": ("benchmarks.infer",
+              "ResNet feature extraction images/s: Paddle dygraph vs Paddle Inference vs PyTorch"),
 }
 
 

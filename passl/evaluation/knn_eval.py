@@ -42,9 +42,11 @@ def memory_bank_blocks(cfg):
     return deterministic_block(loaders["train"], val_transforms), deterministic_block(loaders["val"])
 
 
-def run_knn_eval(cfg, pretrained=None, k=20, temperature=0.07, trust_file=False):
+def run_knn_eval(cfg, pretrained=None, k=20, temperature=0.07, trust_file=False,
+                 engine="dygraph"):
     """Build ``cfg.model``, load ``pretrained`` into its backbone (random init, seeded, without),
-    run kNN, append an ``eval`` record to ``output_dir/metrics.jsonl``; returns the result.
+    run kNN with features from ``engine`` (``dygraph`` or ``inference``), append an ``eval``
+    record to ``output_dir/metrics.jsonl``; returns the result.
 
     ``trust_file``: read ``pretrained`` with ``paddle.load`` (``--trust-file``). The weights
     are read before anything is written to ``output_dir``, so a refused file leaves no trace.
@@ -70,7 +72,7 @@ def run_knn_eval(cfg, pretrained=None, k=20, temperature=0.07, trust_file=False)
     bank_block, query_block = memory_bank_blocks(cfg)
     result = knn_evaluate(model, build_dataloader(bank_block, mode="val", seed=seed),
                           build_dataloader(query_block, mode="val", seed=seed),
-                          k=k, temperature=temperature)
+                          k=k, temperature=temperature, engine=engine)
     MetricsLog(os.path.join(output_dir, "metrics.jsonl"), enabled=rank == 0).write(
         {"type": "eval", "knn_top1": result["knn_top1"], "knn_top5": result["knn_top5"],
          "k": k, "temperature": temperature, "queries": result["count"],

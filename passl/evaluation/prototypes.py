@@ -24,7 +24,7 @@ def swav_embeddings(model, loader):
         raise UserError(f"model: {type(model).__name__} has no prototypes; prototype galleries "
                         f"and usage need a SwAV config (model.name: SwAV) and its checkpoint")
     embeddings, labels = extract_features(model, loader, gather=True,
-                                          encode=lambda images: model.neck(model.backbone(images)))
+                                          features_of=lambda images: model.neck(model.backbone(images)))
     rows = shard_order(len(loader.dataset), distributed.get_world_size())
     in_order = np.empty(embeddings.shape, dtype="float32"), np.empty(labels.shape, dtype="int64")
     in_order[0][rows], in_order[1][rows] = embeddings.numpy(), labels.numpy()

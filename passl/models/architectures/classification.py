@@ -25,10 +25,24 @@ class Classification(nn.Layer):
         in_dim: feature width ``C``; defaults to ``backbone.out_channels``.
         freeze_backbone: train only the linear layer (True) or fine-tune everything.
         topk: the top-k accuracies logged during training.
+        backbone_engine: ``dygraph`` (default) or ``inference``: run the frozen backbone as
+            a Paddle Inference predictor (oneDNN on CPU), compiled from its weights at the
+            first forward pass and again after ``set_state_dict``. Its features equal
+            dygraph's to ~1e-6 relative and a ResNet-50 runs about twice as fast on CPU
+            (docs/benchmarks.md); needs ``freeze_backbone: true``.
     """
 
-    def __init__(self, backbone, num_classes, in_dim=None, freeze_backbone=True, topk=(1, 5)):
+    def __init__(self, backbone, num_classes, in_dim=None, freeze_backbone=True, topk=(1, 5),
+                 backbone_engine="dygraph"):
         super().__init__()
+        if backbone_engine not in ("dygraph", "inference"):
+            raise ConfigError(f"model.backbone_engine: {backbone_engine!r} is not one of "
+                              f"dygraph, inference")
+        if backbone_engine == "inference" and not freeze_backbone:
+            raise ConfigError("model.backbone_engine: inference runs a frozen copy of the "
+                              "backbone; set freeze_backbone: true or backbone_engine: dygraph")
+        self.backbone_engine = backbone_engine
+        self._compiled_backbone = None
         self.backbone = BACKBONES.build(backbone)
         if in_dim is None:
             in_dim = getattr(self.backbone, "out_channels", None)
@@ -64,7 +78,16 @@ class Classification(nn.Layer):
 
     def extract_features(self, images):
         """Pooled backbone features ``[B, C]`` (what kNN and the linear layer see)."""
-        return self.backbone(images)
+        if self.backbone_engine == "dygraph" or not paddle.in_dynamic_mode():
+            return self.backbone(images)  # also while paddle.jit.save traces this model
+        if self._compiled_backbone is None:
+            from passl.deploy.engine import compile_layer
+            self._compiled_backbone = compile_layer(self.backbone, [-1, 3, -1, -1])
+        return paddle.to_tensor(self._compiled_backbone(images.numpy()))
+
+    def set_state_dict(self, state_dict, *args, **kwargs):
+        self._compiled_backbone = None  # new weights: compile again when next used
+        return super().set_state_dict(state_dict, *args, **kwargs)
 
     def forward(self, batch):
         images, labels = batch
