@@ -77,7 +77,9 @@ def select_device(device="auto"):
                           "install paddlepaddle-gpu or use -o device=cpu")
     chosen = "gpu" if device == "gpu" or (device == "auto" and has_gpu) else "cpu"
     if chosen == "gpu":
-        paddle.set_device(f"gpu:{int(os.environ.get('PADDLE_LOCAL_RANK', '0'))}")
+        # the launcher hands each process its card in FLAGS_selected_gpus (`--gpus 3` with one
+        # process means card 3, while PADDLE_LOCAL_RANK is 0); ParallelEnv reads exactly that
+        paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().device_id}")
     else:
         paddle.set_device("cpu")
     return chosen

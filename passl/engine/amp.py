@@ -9,7 +9,8 @@ Config block ``amp`` (all optional)::
 float32 parameters) is supported: ``O2`` keeps float16 parameters, which LARS would update
 without float32 master weights. Paddle 3.x has no autocast kernels on CPU (``auto_cast`` is a
 no-op there), so on CPU an enabled ``amp`` warns once and the run stays in float32. SwAV's
-Sinkhorn and softmax run in float32 regardless (the loss casts them).
+Sinkhorn and cross-entropies (log-softmax) run in float64 regardless: the loss casts the
+scores up and returns a float32 scalar (see ``passl/models/losses/swav.py`` for why).
 """
 import contextlib
 
