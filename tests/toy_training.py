@@ -95,13 +95,14 @@ class ToyEngineKill(Hook):
 
 @HOOKS.register("ToyEngineNaN")
 class ToyEngineNaN(Hook):
-    """Makes the model's loss NaN from global iteration ``at_iter`` on."""
+    """Makes the model's loss NaN from global iteration ``at_iter`` on (before ``until``)."""
 
-    def __init__(self, at_iter):
+    def __init__(self, at_iter, until=None):
         self.at_iter = at_iter
+        self.until = until
 
     def before_iter(self, trainer):
-        trainer.model.poisoned = trainer.iter >= self.at_iter
+        trainer.model.poisoned = self.at_iter <= trainer.iter < (self.until or float("inf"))
 
 
 @HOOKS.register("ToyEngineDumpParams")

@@ -44,6 +44,9 @@ class MixedPrecision:
             self.enabled = False
         use_scaler = self.enabled and self.dtype == "float16"
         self.scaler = paddle.amp.GradScaler() if use_scaler else None
+        self._scale_as_scalar()
+        self.last_step_skipped = False  # the scaler found inf/NaN gradients and skipped
+        self.consecutive_skipped = 0    # HealthHook stops the run after too many in a row
 
     def autocast(self):
         if not self.enabled:
@@ -58,6 +61,10 @@ class MixedPrecision:
         inf/NaN gradients is skipped (and the loss scale lowered)."""
         if self.scaler:
             self.scaler.step(optimizer)
+            # a Python bool here: Paddle's optimizer has already read found_inf on the host
+            self.last_step_skipped = bool(self.scaler._cache_found_inf)
+            self.consecutive_skipped = self.consecutive_skipped + 1 if self.last_step_skipped \
+                else 0
             self.scaler.update()
         else:
             optimizer.step()
@@ -73,3 +80,11 @@ class MixedPrecision:
     def set_state_dict(self, state):
         if self.scaler and state:
             self.scaler.load_state_dict(state)
+            self._scale_as_scalar()
+
+    def _scale_as_scalar(self):
+        """Paddle 3.3's GradScaler keeps its loss scale as a shape-[1] tensor and, when it lowers
+        the scale, prints ``float(scale)``, which NumPy 2.4 refuses for a 1-element array: the
+        first overflow would end the run with a TypeError. A 0-d scale behaves the same."""
+        if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None:
+            self.scaler._scale = self.scaler._scale.reshape([])
