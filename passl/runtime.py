@@ -66,6 +66,30 @@ def seed_everything(seed, rank=0):
     return value
 
 
+#: Paddle flags for reproducible GPU kernels (``deterministic: true``): cuDNN picks deterministic
+#: convolution/BatchNorm algorithms (no exhaustive search), embedding gradients avoid atomics.
+DETERMINISTIC_FLAGS = {"FLAGS_cudnn_deterministic": True, "FLAGS_cudnn_exhaustive_search": False,
+                       "FLAGS_embedding_deterministic": 1}
+
+
+def set_deterministic(enabled=False):
+    """Top-level ``deterministic``: set Paddle's deterministic-kernel flags; returns those set.
+
+    Only flags this Paddle build has are set: a CPU build has none of them (its kernels are
+    deterministic already, which is what makes CPU resumes bit-identical).
+    """
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"deterministic: expected true or false, got {enabled!r}")
+    if not enabled:
+        return {}
+    import paddle
+    known = paddle.base.core.globals()
+    chosen = {flag: value for flag, value in DETERMINISTIC_FLAGS.items() if flag in known}
+    if chosen:
+        paddle.set_flags(chosen)
+    return chosen
+
+
 def select_device(device="auto"):
     """'cpu' or 'gpu' from the config's ``device``; sets Paddle's device and returns the choice."""
     import paddle

@@ -163,3 +163,45 @@ def test_float16_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch)
         "were not updated by those steps")
     for saved, param in zip(before, trainer.model.parameters()):
         np.testing.assert_array_equal(saved, param.numpy())
+
+
+def test_bfloat16_on_a_gpu_without_it_falls_back_to_float16_and_says_so(monkeypatch, caplog):
+    from passl.engine.amp import MixedPrecision
+    monkeypatch.setattr(paddle.amp, "is_bfloat16_supported", lambda: False)
+    monkeypatch.setattr(paddle.amp, "is_float16_supported", lambda: True)
+    amp = MixedPrecision({"enable": True, "dtype": "bfloat16"}, device="gpu")
+    assert (amp.enabled, amp.dtype, amp.scaler is not None) == (True, "float16", True)
+    assert amp.describe() == ("float16 O1 with loss scaling (amp.dtype bfloat16 asked for, but "
+                              "this GPU has no bfloat16 (compute capability 8.0+, e.g. A100, "
+                              "needed))")
+    monkeypatch.setattr(paddle.amp, "is_float16_supported", lambda: False)
+    amp = MixedPrecision({"enable": True, "dtype": "float16"}, device="gpu")
+    assert (amp.enabled, amp.scaler) == (False, None)
+    assert amp.describe().startswith("off (float32) (amp.dtype float16 asked for, but this GPU")
+
+
+def test_deterministic_sets_the_flags_this_build_has(monkeypatch):
+    from passl import runtime
+    from passl.errors import ConfigError
+    set_flags = []
+    monkeypatch.setattr(paddle, "set_flags", set_flags.append)
+    monkeypatch.setattr(paddle.base.core, "globals",
+                        lambda: {"FLAGS_cudnn_deterministic": False,
+                                 "FLAGS_cudnn_exhaustive_search": True})
+    assert runtime.set_deterministic(True) == {"FLAGS_cudnn_deterministic": True,
+                                               "FLAGS_cudnn_exhaustive_search": False}
+    assert set_flags == [{"FLAGS_cudnn_deterministic": True,
+                          "FLAGS_cudnn_exhaustive_search": False}]
+    assert runtime.set_deterministic(False) == {} and len(set_flags) == 1
+    with pytest.raises(ConfigError, match="deterministic: expected true or false, got 'yes'"):
+        runtime.set_deterministic("yes")
+
+
+def test_embeddings_are_normalised_in_float32_even_from_float16(monkeypatch):
+    from passl.models.necks.swav_neck import SwAVNeck
+    neck = SwAVNeck(in_dim=4, hidden_dim=0, out_dim=3)
+    big = np.array([[300.0, 400.0, 0.0], [1e-4, 0.0, 0.0]], "float32")  # fp16 squares overflow
+    monkeypatch.setattr(neck.mlp, "forward", lambda x: paddle.to_tensor(big).astype("float16"))
+    out = neck(paddle.zeros([2, 4]))
+    assert out.dtype == paddle.float32
+    np.testing.assert_allclose(out.numpy(), [[0.6, 0.8, 0.0], [1.0, 0.0, 0.0]], rtol=1e-3)

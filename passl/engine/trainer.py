@@ -27,7 +27,7 @@ from passl.errors import ConfigError, UserError
 from passl.models import MODELS
 from passl.models.weights import load_pretrained
 from passl.registry import key_path_of
-from passl.runtime import configure_cpu_threads, seed_everything, select_device
+from passl.runtime import configure_cpu_threads, seed_everything, select_device, set_deterministic
 from passl.solver.lr_scheduler import build_lr_scheduler
 from passl.solver.optimizers import build_optimizer
 from passl.utils.logger import setup_logger
@@ -93,6 +93,7 @@ class Trainer:
         cfg = self.cfg
         threads = configure_cpu_threads(cfg.get("threads", "auto"))  # idempotent
         self.device = select_device(cfg.get("device", "auto"))
+        deterministic = set_deterministic(cfg.get("deterministic", False))
         self.world_size = distributed.init_process_group()
         self.rank = distributed.get_rank()
         self.logger = setup_logger(self.output_dir, self.rank)
@@ -104,6 +105,10 @@ class Trainer:
                          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
                          f"MKL_DEBUG_CPU_TYPE={threads['MKL_DEBUG_CPU_TYPE']}); "
                          f"output in {self.output_dir}")
+        if cfg.get("deterministic", False):
+            flags = ", ".join(f"{k}={v}" for k, v in deterministic.items())
+            self.logger.info(f"deterministic: {flags or 'no such flags in this Paddle build '}"
+                             f"{'' if flags else '(CPU kernels are deterministic already)'}")
         if self.device == "cpu" and self.world_size == 1 and threads["threads"] > 1:
             self.logger.info(f"tip: on CPU, {threads['threads']} processes x 1 thread usually train "
                              f"faster (python -m paddle.distributed.launch --nproc_per_node "
