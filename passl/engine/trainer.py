@@ -19,6 +19,7 @@ import paddle
 from passl import distributed
 from passl.config import ConfigDict, save_config
 from passl.data import build_dataloader, set_loader_epoch
+from passl.data.device_input import batch_normalizer, check_shared_memory
 from passl.engine import checkpoint
 from passl.engine.amp import MixedPrecision
 from passl.engine.hooks import HOOKS
@@ -27,7 +28,8 @@ from passl.errors import ConfigError, UserError
 from passl.models import MODELS
 from passl.models.weights import load_pretrained
 from passl.registry import key_path_of
-from passl.runtime import configure_cpu_threads, seed_everything, select_device, set_deterministic
+from passl.runtime import (configure_cpu_threads, local_process_count, seed_everything,
+                           select_device, set_deterministic)
 from passl.solver.lr_scheduler import build_lr_scheduler
 from passl.solver.optimizers import build_optimizer
 from passl.utils.logger import setup_logger
@@ -69,6 +71,8 @@ class Trainer:
         self.train_loader = build_dataloader(loaders["train"], mode="train", seed=seed)
         self.val_loader = build_dataloader(loaders["val"], mode="val", seed=seed) \
             if loaders.get("val") else None
+        check_shared_memory(self.train_loader, local_process_count(), self.logger)
+        self.normalize_batch = batch_normalizer(self.train_loader)  # uint8 crops, on the device
         self._derive_run_values()
         self.lr_scheduler = build_lr_scheduler(cfg.get("lr_scheduler"), self.epochs,
                                                self.iters_per_epoch, self.global_batch_size)
@@ -233,6 +237,7 @@ class Trainer:
         step (SwAV's frozen prototypes) is skipped by the optimizer: no decay, no momentum.
         """
         self.batch_images = int(batch[1].shape[0])
+        batch = self.normalize_batch(batch)
         with self.amp.autocast():
             self.outputs = self.wrapped_model(batch)
         self.amp.backward(self.outputs["loss"])
