@@ -29,34 +29,47 @@ def shared_memory_need(loader, processes):
     at most (one sample is loaded to measure it), or ``(0, reason)`` when they use none."""
     if not loader.num_workers or not loader.use_shared_memory:
         return 0, "no shared memory (num_workers 0 or use_shared_memory false)"
-    sample = _nbytes(loader.dataset[0][0])
-    batch = loader.batch_sampler.batch_size
-    in_flight = loader.num_workers * loader.prefetch_factor
-    need = sample * batch * in_flight * processes
-    return need, (f"batch {batch} x {sample / 2 ** 20:.2f} MB per sample x {loader.num_workers} "
-                  f"workers x prefetch {loader.prefetch_factor} x {processes} process(es)")
+    return loaders_need(_nbytes(loader.dataset[0][0]), loader.batch_sampler.batch_size,
+                        loader.num_workers, loader.prefetch_factor, processes)
 
 
-def check_shared_memory(loader, processes, logger, path=SHM):
-    """Refuse to start when the loaders cannot fit in ``path``; warn when it is short now."""
-    need, how = shared_memory_need(loader, processes)
+def loaders_need(sample_bytes, batch, workers, prefetch, processes):
+    """``(bytes, how)``: batches in flight (``workers x prefetch`` per process) x their size."""
+    need = sample_bytes * batch * workers * prefetch * processes
+    return need, (f"batch {batch} x {sample_bytes / 2 ** 20:.2f} MB per sample x {workers} "
+                  f"workers x prefetch {prefetch} x {processes} process(es)")
+
+
+def shared_memory_status(need, how, path=SHM):
+    """``(level, message)`` for loaders needing ``need`` bytes of ``path``: ``error`` when it
+    can never fit, ``warning`` when it is not free now, ``ok``; ``(None, None)`` when there is
+    nothing to check (no shared memory used, or no ``path`` on this system)."""
     if not need or not os.path.isdir(path):
-        return need
+        return None, None
     stat = os.statvfs(path)
     total, free = stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize
     fix = (f"enlarge it (docker run --shm-size={math.ceil(need * 1.25 / 2 ** 30)}g, or "
            f"mount -o remount,size=... {path}), or lower dataloader.train.loader.num_workers/"
            f"prefetch_factor, or set dataloader.train.loader.use_shared_memory=false")
     if need > total:
-        raise UserError(f"{path} holds {_size(total)} but the train loader needs about "
-                        f"{_size(need)} ({how}); {fix}")
+        return "error", (f"{path} holds {_size(total)} but the train loader needs about "
+                         f"{_size(need)} ({how}); {fix}")
     if need > free:
-        logger.warning(f"{path} has {_size(free)} free of {_size(total)}, the train loader "
-                       f"needs about {_size(need)} ({how}); if a worker dies with a bus error, "
-                       f"{fix}")
-    else:
-        logger.info(f"{path}: the train loader needs about {_size(need)} ({how}) of "
-                    f"{_size(free)} free")
+        return "warning", (f"{path} has {_size(free)} free of {_size(total)}, the train loader "
+                           f"needs about {_size(need)} ({how}); if a worker dies with a bus "
+                           f"error, {fix}")
+    return "ok", (f"{path}: the train loader needs about {_size(need)} ({how}) of "
+                  f"{_size(free)} free")
+
+
+def check_shared_memory(loader, processes, logger, path=SHM):
+    """Refuse to start when the loaders cannot fit in ``path``; warn when it is short now."""
+    need, how = shared_memory_need(loader, processes)
+    level, message = shared_memory_status(need, how, path)
+    if level == "error":
+        raise UserError(message)
+    if level is not None:
+        (logger.warning if level == "warning" else logger.info)(message)
     return need
 
 
