@@ -111,6 +111,14 @@ def check_shared_memory(report, cfg, processes):
 
 # ---------------------------------------------------------------- one device
 
+def failure(error):
+    """``(detail, fix)`` for an exception raised by Paddle on the device."""
+    text = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    memory = "out of memory" in str(error).lower() or "resourceexhausted" in str(error).lower()
+    fix = "free the card (nvidia-smi lists the processes using it)" if memory else REINSTALL
+    return f"{type(error).__name__}: {text}", fix
+
+
 def tiny_batch(seed=0):
     rng = np.random.RandomState(seed)
     crops = [paddle.to_tensor(rng.randn(TINY_BATCH, 3, s, s).astype("float32"))
@@ -144,8 +152,7 @@ def check_step(report, cfg, place):
         before = [p.numpy().copy() for p in model.parameters()]
         loss = step(tiny_batch())
     except Exception as e:  # any failure of the device stack is the finding
-        return report.line(name, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                           REINSTALL)
+        return report.line(name, *failure(e))
     moved = sum(not np.array_equal(b, p.numpy()) for b, p in zip(before, model.parameters()))
     detail = f"amp {amp.describe()}, loss {loss:.4f}, {moved} of {len(before)} tensors updated"
     if not np.isfinite(loss) or not moved:
@@ -157,6 +164,21 @@ def check_step(report, cfg, place):
 def check_round_trip(report, cfg, place):
     """Save a stepped run, resume it in fresh objects: same state, then the same next step."""
     name = f"save/resume round trip on {place}"
+    try:
+        worst = resumed_step_gap(cfg, place)
+    except Exception as e:  # as in check_step
+        return report.line(name, *failure(e))
+    # bit-identical on CPU; cuDNN may pick other algorithms in the new objects (deterministic:
+    # true pins them), so a GPU gets float32 rounding room
+    limit = 0.0 if place == "cpu" else 1e-4
+    detail = f"the step after resuming differs by at most {worst:.3g} (limit {limit:g})"
+    report.line(name, detail, None if worst <= limit else
+                "resumed state differs: check that the file system keeps the whole file and "
+                "report the Paddle version")
+
+
+def resumed_step_gap(cfg, place):
+    """Largest parameter difference between a run and its resumed copy after one more step."""
     paddle.set_device(place)
     device = "cpu" if place == "cpu" else "gpu"
     model, optimizer, amp, step = tiny_run(cfg, device)
@@ -176,26 +198,19 @@ def check_round_trip(report, cfg, place):
     step(tiny_batch(1))
     checkpoint.set_rng_state(state["rng"])
     resumed_step(tiny_batch(1))
-    worst = max(float(np.abs(a.numpy() - b.numpy()).max())
-                for a, b in zip(model.parameters(), resumed.parameters()))
-    # bit-identical on CPU; cuDNN may pick other algorithms in the new objects (deterministic:
-    # true pins them), so a GPU gets float32 rounding room
-    limit = 0.0 if place == "cpu" else 1e-4
-    detail = f"the step after resuming differs by at most {worst:.3g} (limit {limit:g})"
-    report.line(name, detail, None if worst <= limit else
-                "resumed state differs: check that the file system keeps the whole file and "
-                "report the Paddle version")
+    return max(float(np.abs(a.numpy() - b.numpy()).max())
+               for a, b in zip(model.parameters(), resumed.parameters()))
 
 
 # ---------------------------------------------------------------- two ranks
 
 def collective_worker(out_dir):
     """One rank of the two-rank checks (started by the launcher): all-reduce, SyncBatchNorm."""
+    on_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+    if on_gpu:  # before joining, as the trainer does (NCCL binds to the current card)
+        paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().device_id}")
     distributed.init_process_group()
     rank = distributed.get_rank()
-    on_gpu = paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
-    if on_gpu:
-        paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().device_id}")
     result = {"rank": rank, "world": distributed.get_world_size(),
               "all_reduce": distributed.all_reduce(paddle.to_tensor([rank + 1.0]))
               .numpy().tolist()}

@@ -105,3 +105,11 @@ def test_the_whole_cpu_run_is_ok_with_gloo():
     assert len(lines) == 7 and all(line.endswith("... ok") for line in lines), lines
     assert "all-reduce across 2 ranks (gloo): 1 + 2 = 3 on both ... ok" in lines
     assert lines[-1].startswith("SyncBatchNorm on 2 ranks: skipped on CPU")
+
+
+def test_a_device_error_becomes_its_first_line_and_a_fix():
+    detail, fix = doctor.failure(RuntimeError("ResourceExhaustedError: Out of memory on gpu:0\n"
+                                              "  [Hint: ...]"))
+    assert detail == "RuntimeError: ResourceExhaustedError: Out of memory on gpu:0"
+    assert fix == "free the card (nvidia-smi lists the processes using it)"
+    assert doctor.failure(OSError("libcudnn.so.9: cannot open"))[1] == doctor.REINSTALL
