@@ -81,7 +81,7 @@ class MixedPrecision:
         if self.scaler:
             self.scaler.step(optimizer)
             # a Python bool here: Paddle's optimizer has already read found_inf on the host
-            self.last_step_skipped = bool(self.scaler._cache_found_inf)
+            self.last_step_skipped = bool(getattr(self.scaler, "_cache_found_inf", False))
             self.consecutive_skipped = self.consecutive_skipped + 1 if self.last_step_skipped \
                 else 0
             self.scaler.update()
