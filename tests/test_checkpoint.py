@@ -180,6 +180,13 @@ def test_rng_state_holds_only_this_process_card_and_resumes_with_fewer_visible(m
                                           "state of card 2", "state of card 3"]
 
 
+def test_older_checkpoints_with_every_card_state_restore_this_card(monkeypatch):
+    cards = _pretend_gpu(monkeypatch, visible=2, current=1)
+    state = {**checkpoint.rng_state(), "paddle_device": ["old card 0", "old card 1", "old 2"]}
+    checkpoint.set_rng_state(state)
+    assert [g.state for g in cards] == ["state of card 0", "old card 1"]
+
+
 def test_cpu_rng_state_round_trip_repeats_the_draws():
     saved = checkpoint.rng_state()
     assert "paddle_device" not in saved
