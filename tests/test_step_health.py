@@ -205,3 +205,29 @@ def test_embeddings_are_normalised_in_float32_even_from_float16(monkeypatch):
     out = neck(paddle.zeros([2, 4]))
     assert out.dtype == paddle.float32
     np.testing.assert_allclose(out.numpy(), [[0.6, 0.8, 0.0], [1.0, 0.0, 0.0]], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_at_the_first_bad_iteration_of_either(tmp_path):
+    """Rank 1's loss turns NaN at iteration 2; both ranks learn of it at the check of
+    iteration 4 (check_interval 4) and name iteration 2."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    cfg = toy_config(tmp_path / "out", epochs=2, batch_size=4, hooks=[
+        {"name": "ToyEngineNaN", "at_iter": 1, "rank": 1},
+        {"name": "HealthHook", "check_interval": 4}])
+    launch = subprocess.run([sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
+                             "2", "--log_dir", str(tmp_path / "logs"),
+                             os.path.join(here, "toy_train_cli.py"),
+                             "-c", write_config(cfg, tmp_path / "cfg.yaml")],
+                            capture_output=True, text=True, timeout=300)
+    logs = [open(tmp_path / "logs" / f"workerlog.{r}").read() for r in (0, 1)]
+    assert launch.returncode != 0
+    errors = [[line for line in log.splitlines() if line.startswith("error:")] for log in logs]
+    assert errors[0][0].startswith("error: non-finite loss (") and " on another process) at " \
+        "iteration 2 (epoch 1); found at the check of iteration 4" in errors[0][0]
+    assert errors[1][0].startswith("error: non-finite loss (nan) at iteration 2 (epoch 1); "
+                                   "found at the check of iteration 4")
+    event = read_metrics(str(tmp_path / "out" / "metrics.jsonl"), "event")
+    assert [(e["event"], e["iter"]) for e in event] == [("non_finite_loss", 2)]

@@ -97,10 +97,12 @@ class HealthHook(Hook):
         self.unread_losses = []
         finite = np.isfinite(losses)
         scaled = getattr(getattr(trainer, "amp", None), "scaler", None) is not None
-        bad = paddle.to_tensor(0.0 if finite.all() or scaled else 1.0)
-        if float(distributed.all_reduce(bad, op="max")) > 0:
-            first = int(np.argmin(finite)) if not finite.all() else len(losses) - 1
-            self._stop(trainer, iters[first], float(losses[first]))
+        # the first bad iteration over all processes (inf: none; float16 skips them itself)
+        first = math.inf if finite.all() or scaled else float(iters[int(np.argmin(finite))])
+        first = float(distributed.all_reduce(paddle.to_tensor(first, dtype="float64"), op="min"))
+        if first < math.inf:
+            at = iters.index(int(first))
+            self._stop(trainer, iters[at], float(losses[at]))
         for iteration, loss in zip(iters, losses):
             self._watch_collapse(trainer, iteration, float(loss))
 
