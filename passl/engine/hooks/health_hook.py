@@ -82,15 +82,19 @@ class HealthHook(Hook):
         self.unread_losses.append((trainer.iter, trainer.outputs["loss"].detach()))
         if (trainer.inner_iter + 1) % self.check_interval == 0 \
                 or trainer.inner_iter + 1 == trainer.iters_per_epoch:
-            self._check(trainer)
+            self.check_pending(trainer)
 
     def after_iter(self, trainer):
         amp = getattr(trainer, "amp", None)
         if getattr(amp, "consecutive_skipped", 0) >= self.max_consecutive_bad_steps:
             self._stop(trainer, trainer.iter, float("nan"), skipped=amp.consecutive_skipped)
 
-    def _check(self, trainer):
-        """One host read of the interval's losses (and one collective): stop or watch."""
+    def check_pending(self, trainer):
+        """Read the losses not checked yet (one host read, one collective; every process calls
+        it together): stop or watch. Anything saving a checkpoint between check steps (e.g.
+        mid-epoch) calls this first, so that nothing is saved after a non-finite loss."""
+        if not self.unread_losses:
+            return
         iters = [i for i, _ in self.unread_losses]
         losses = paddle.stack([loss.astype("float64").reshape([]) for _, loss in
                                self.unread_losses]).numpy()
