@@ -151,7 +151,8 @@ def resized_multicrop(multicrop, nmb_crops, size_crops):
     scales += [scales[-1]] * (len(size_crops) - len(scales))
     return {"name": "MultiCrop", "nmb_crops": list(nmb_crops), "size_crops": list(size_crops),
             "min_scale_crops": [low for low, _ in scales[:len(size_crops)]],
-            "max_scale_crops": [high for _, high in scales[:len(size_crops)]]}
+            "max_scale_crops": [high for _, high in scales[:len(size_crops)]],
+            "normalize_on_device": multicrop.get("normalize_on_device", False)}
 
 
 def resnet_out_channels(backbone):
@@ -175,18 +176,21 @@ def synthetic_batches(multicrop, batch_size):
 
 
 def data_batches(multicrop, batch_size, photos_root, workers):
-    """``(crops, labels)`` from build_dataloader over the JPEGs in ``photos_root``, endlessly."""
+    """``(crops, labels)`` from build_dataloader over the JPEGs in ``photos_root``, endlessly
+    (normalised on the device as the trainer does when the MultiCrop ships uint8)."""
     from passl.data import build_dataloader, set_loader_epoch
+    from passl.data.device_input import batch_normalizer
 
     loader = build_dataloader({"dataset": {"name": "ImageFolder", "root": photos_root,
                                            "transforms": [multicrop]},
                                "sampler": {"batch_size": batch_size, "shuffle": True,
                                            "drop_last": True},
                                "loader": {"num_workers": workers}}, mode="train")
+    normalize = batch_normalizer(loader)
     epoch = 0
     while True:
         set_loader_epoch(loader, epoch)
-        yield from loader
+        yield from (normalize(batch) for batch in loader)
         epoch += 1
 
 

@@ -32,6 +32,7 @@ TOP_LEVEL_KEYS = {
     "output_dir": "where config.yaml, train.log, metrics.jsonl and checkpoints go (Trainer)",
     "seed": "seed for python, numpy and paddle (passl.runtime)",
     "device": "auto | cpu | gpu (passl.runtime)",
+    "deterministic": "true: Paddle's deterministic cuDNN/GPU kernel flags (passl.runtime)",
     "threads": "CPU threads per process; 'auto' = cores / processes (passl.runtime)",
     "model": "the architecture block, MODELS registry (Trainer)",
     "dataloader": "train/val blocks with dataset, sampler, loader (passl.data.loader)",

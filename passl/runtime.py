@@ -72,6 +72,30 @@ def has_gpu():
     return paddle.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
+#: Paddle flags for reproducible GPU kernels (``deterministic: true``): cuDNN picks deterministic
+#: convolution/BatchNorm algorithms (no exhaustive search), embedding gradients avoid atomics.
+DETERMINISTIC_FLAGS = {"FLAGS_cudnn_deterministic": True, "FLAGS_cudnn_exhaustive_search": False,
+                       "FLAGS_embedding_deterministic": 1}
+
+
+def set_deterministic(enabled=False):
+    """Top-level ``deterministic``: set Paddle's deterministic-kernel flags; returns those set.
+
+    Only flags this Paddle build has are set: a CPU build has none of them (its kernels are
+    deterministic already, which is what makes CPU resumes bit-identical).
+    """
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"deterministic: expected true or false, got {enabled!r}")
+    if not enabled:
+        return {}
+    import paddle
+    known = paddle.base.core.globals()
+    chosen = {flag: value for flag, value in DETERMINISTIC_FLAGS.items() if flag in known}
+    if chosen:
+        paddle.set_flags(chosen)
+    return chosen
+
+
 def select_device(device="auto"):
     """'cpu' or 'gpu' from the config's ``device``; sets Paddle's device and returns the choice."""
     import paddle
@@ -83,7 +107,9 @@ def select_device(device="auto"):
                           "install paddlepaddle-gpu or use -o device=cpu")
     chosen = "gpu" if device == "gpu" or (device == "auto" and gpu) else "cpu"
     if chosen == "gpu":
-        paddle.set_device(f"gpu:{int(os.environ.get('PADDLE_LOCAL_RANK', '0'))}")
+        # the launcher hands each process its card in FLAGS_selected_gpus (`--gpus 3` with one
+        # process means card 3, while PADDLE_LOCAL_RANK is 0); ParallelEnv reads exactly that
+        paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().device_id}")
     else:
         paddle.set_device("cpu")
     return chosen

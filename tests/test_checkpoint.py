@@ -129,3 +129,59 @@ def test_sigkill_then_resume_auto_ends_like_an_uninterrupted_run(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from" in second.stdout
     assert_same_run(str(tmp_path / "whole"), str(tmp_path / "killed"))
+
+
+class _FakeGenerator:
+    def __init__(self, seed):
+        self.state = f"state of card {seed}"
+
+    def get_state(self):
+        return self.state
+
+    def set_state(self, state):
+        self.state = state
+
+
+class _FakeCUDAPlace:
+    def __init__(self, device_id):
+        self.device_id = device_id
+
+
+def _pretend_gpu(monkeypatch, visible, current):
+    """A GPU build as Paddle sees it: ``visible`` cards, this process on card ``current``."""
+    generators = [_FakeGenerator(i) for i in range(visible)]
+    monkeypatch.setattr(paddle, "get_device", lambda: f"gpu:{current}")
+    monkeypatch.setattr(paddle, "CUDAPlace", _FakeCUDAPlace)
+    monkeypatch.setattr(paddle.framework, "_current_expected_place_",
+                        lambda: _FakeCUDAPlace(current))
+    monkeypatch.setattr(paddle.base.core, "get_cuda_device_count", lambda: visible, raising=False)
+    monkeypatch.setattr(paddle.base.core, "default_cuda_generator", lambda i: generators[i],
+                        raising=False)
+    return generators
+
+
+def test_rng_state_holds_only_this_process_card_and_resumes_with_fewer_visible(monkeypatch):
+    """Trained seeing 8 cards on card 1, resumed with CUDA_VISIBLE_DEVICES=0,1,2,3."""
+    trained = _pretend_gpu(monkeypatch, visible=8, current=1)
+    trained[1].state = "card 1 after training"
+    saved = checkpoint.rng_state()
+    assert saved["paddle_device"] == "card 1 after training"
+    resumed = _pretend_gpu(monkeypatch, visible=4, current=1)
+    checkpoint.set_rng_state(saved)
+    assert [g.state for g in resumed] == ["state of card 0", "card 1 after training",
+                                          "state of card 2", "state of card 3"]
+
+
+def test_older_checkpoints_with_every_card_state_restore_this_card(monkeypatch):
+    cards = _pretend_gpu(monkeypatch, visible=2, current=1)
+    state = {**checkpoint.rng_state(), "paddle_device": ["old card 0", "old card 1", "old 2"]}
+    checkpoint.set_rng_state(state)
+    assert [g.state for g in cards] == ["state of card 0", "old card 1"]
+
+
+def test_cpu_rng_state_round_trip_repeats_the_draws():
+    saved = checkpoint.rng_state()
+    assert "paddle_device" not in saved
+    first = (np.random.rand(), paddle.rand([3]).numpy().tolist())
+    checkpoint.set_rng_state(saved)
+    assert (np.random.rand(), paddle.rand([3]).numpy().tolist()) == first

@@ -120,3 +120,25 @@ def test_momentum_skips_params_without_gradient_and_matches_torch_sgd():
         assert unused.grad is None
     np.testing.assert_allclose(used.numpy(), p, rtol=1e-5)
     np.testing.assert_array_equal(unused.numpy(), unused_before)
+
+
+def test_lars_with_a_changing_lr_applies_it_outside_the_momentum():
+    """torch SGD's p -= lr * v with v = m * v + d (Paddle's LarsMomentum folds lr into v)."""
+    params = make_params()
+    schedule = paddle.optimizer.lr.LambdaDecay(0.5, lambda step: 1.0 / (step + 1))
+    optimizer = OPTIMIZERS.build({"name": "LARS", "momentum": MOMENTUM, "weight_decay": WD,
+                                  "trust_coefficient": TRUST, "eps": EPS},
+                                 learning_rate=schedule, parameters=list(params.values()))
+    reference = {name: p.numpy().astype("float64") for name, p in params.items()}
+    velocity = {}
+    x = paddle.to_tensor(np.random.RandomState(2).randn(5, 4).astype("float32"))
+    for step in range(3):
+        loss_of(params, x).backward()
+        grads = {name: None if p.grad is None else p.grad.numpy().astype("float64")
+                 for name, p in params.items()}
+        apex_larc_sgd_step(reference, grads, velocity, lr=0.5 / (step + 1))
+        optimizer.step()
+        optimizer.clear_grad(set_to_zero=False)
+        schedule.step()
+    for name, p in params.items():
+        np.testing.assert_allclose(p.numpy(), reference[name], rtol=2e-5, atol=1e-6, err_msg=name)

@@ -43,3 +43,16 @@ def test_seed_everything_repeats_streams_and_ranks_differ():
         runtime.seed_everything(7, rank)
         draws.append((np.random.rand(), paddle.rand([1]).item()))
     assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
+def test_gpu_is_the_card_the_launcher_selected_not_the_local_rank(monkeypatch):
+    """`launch --gpus 3` with one process: FLAGS_selected_gpus=3, PADDLE_LOCAL_RANK=0."""
+    chosen = []
+    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(paddle.base.core, "is_compiled_with_cuda", lambda: True)
+    monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(paddle, "set_device", chosen.append)
+    monkeypatch.setenv("FLAGS_selected_gpus", "3")
+    monkeypatch.setenv("PADDLE_LOCAL_RANK", "0")
+    assert runtime.select_device("gpu") == "gpu"
+    assert chosen == ["gpu:3"]

@@ -144,13 +144,16 @@ def collapse_trainer(tmp_path, num_prototypes=10, freeze_iters=3):
     return SimpleNamespace(model=SimpleNamespace(head=head),
                            hooks=[SimpleNamespace(freeze_iters=freeze_iters)],
                            logger=RecordingLogger(), metrics=MetricsLog(str(tmp_path / "m.jsonl")),
-                           output_dir=str(tmp_path), epoch=0, iter=0, outputs=None)
+                           output_dir=str(tmp_path), epoch=0, iter=0, outputs=None,
+                           world_size=1)
 
 
 def drive(hook, trainer, losses, logs=None):
     hook.before_run(trainer)
     hook.before_epoch(trainer)
+    trainer.iters_per_epoch = len(losses)
     for trainer.iter, loss in enumerate(losses):
+        trainer.inner_iter = trainer.iter
         trainer.outputs = {"loss": paddle.to_tensor(loss), "logs": logs or {}}
         hook.after_backward(trainer)
 

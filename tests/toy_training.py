@@ -99,13 +99,17 @@ class ToyEngineKill(Hook):
 
 @HOOKS.register("ToyEngineNaN")
 class ToyEngineNaN(Hook):
-    """Makes the model's loss NaN from global iteration ``at_iter`` on."""
+    """Makes the model's loss NaN from global iteration ``at_iter`` on (before ``until``), on
+    every process or only on process ``rank``."""
 
-    def __init__(self, at_iter):
+    def __init__(self, at_iter, until=None, rank=None):
         self.at_iter = at_iter
+        self.until = until
+        self.rank = rank
 
     def before_iter(self, trainer):
-        trainer.model.poisoned = trainer.iter >= self.at_iter
+        trainer.model.poisoned = self.at_iter <= trainer.iter < (self.until or float("inf")) \
+            and self.rank in (None, trainer.rank)
 
 
 @HOOKS.register("ToyEngineDumpParams")

@@ -20,14 +20,16 @@ class MultiCrop:
 
     Returns a list of float32 CHW arrays, groups in order, so crops of equal size are
     consecutive (the model batches them through the backbone together). The defaults
-    are SwAV's ImageNet recipe 2x224 + 6x96.
+    are SwAV's ImageNet recipe 2x224 + 6x96. ``normalize_on_device: true`` returns uint8 CHW
+    crops instead and the trainer normalises them on the device (``Normalize``'s
+    ``on_device``: 4x less shared memory and host-to-device traffic, same values).
     """
 
     def __init__(self, nmb_crops=(2, 6), size_crops=(224, 96), min_scale_crops=(0.14, 0.05),
                  max_scale_crops=(1.0, 0.14), ratio=(3 / 4, 4 / 3), flip=True, rotation=0.0,
                  shear=0.0, color_jitter_strength=1.0, color_jitter_prob=0.8, grayscale_prob=0.2,
                  blur_prob=0.5, blur_sigma=(0.1, 2.0), interpolation="bilinear", antialias=True,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, normalize_on_device=False):
         groups = (nmb_crops, size_crops, min_scale_crops, max_scale_crops)
         if len({len(g) for g in groups}) != 1:
             raise ConfigError(
@@ -40,11 +42,11 @@ class MultiCrop:
                       for size, low, high in zip(size_crops, min_scale_crops, max_scale_crops)]
         self.distort = Compose(self._distortions(
             flip, rotation, shear, color_jitter_strength, color_jitter_prob, grayscale_prob,
-            blur_prob, blur_sigma, interpolation, mean, std))
+            blur_prob, blur_sigma, interpolation, mean, std, normalize_on_device))
 
     @staticmethod
     def _distortions(flip, rotation, shear, strength, jitter_prob, grayscale_prob, blur_prob,
-                     blur_sigma, interpolation, mean, std):
+                     blur_sigma, interpolation, mean, std, normalize_on_device):
         steps = []
         if rotation or shear:
             steps.append(RandomAffine(degrees=rotation, shear=shear, interpolation=interpolation))
@@ -57,8 +59,11 @@ class MultiCrop:
             steps.append(RandomGrayscale(grayscale_prob))
         if blur_prob:
             steps.append(GaussianBlur(blur_sigma, p=blur_prob))
-        steps.append(Normalize(mean, std, to_chw=True))
+        steps.append(Normalize(mean, std, to_chw=True, on_device=normalize_on_device))
         return steps
+
+    def device_normalize(self):
+        return self.distort.device_normalize()
 
     @property
     def num_crops(self):

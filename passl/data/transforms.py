@@ -162,6 +162,11 @@ class Compose:
     def __repr__(self):
         return f"Compose({self.transforms})"
 
+    def device_normalize(self):
+        """The first step's ``device_normalize()`` that is not None (``Normalize(on_device)``)."""
+        found = (getattr(t, "device_normalize", lambda: None)() for t in self.transforms)
+        return next((f for f in found if f is not None), None)
+
 
 def build_transform(block):
     """A transform from a config block (``{name: ..., ...}``), or ``block`` if already callable."""
@@ -361,18 +366,26 @@ class Normalize:
 
     ``to_chw`` writes the result channel-first directly (one pass instead of
     normalise + transpose); otherwise the layout stays HWC for :class:`ToCHW`.
+
+    ``on_device`` (train loader only): emit the uint8 pixels as CHW and leave the arithmetic
+    to the trainer, which applies :meth:`device_normalize` to each batch on the GPU. A uint8
+    crop is a quarter of a float32 one in the workers' shared memory and in the copy to the
+    device; the values are the same (the device does the same float32 multiply and add).
     """
 
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, to_chw=False):
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, to_chw=False, on_device=False):
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ConfigError(f"Normalize: mean and std need 3 values each, std > 0; "
                               f"got {mean!r}, {std!r}")
         std255 = np.asarray(std, np.float64) * 255.0
         self.scale = (1.0 / std255).astype(np.float32)
         self.offset = (-np.asarray(mean, np.float64) * 255.0 / std255).astype(np.float32)
-        self.to_chw = to_chw
+        self.to_chw = to_chw or on_device
+        self.on_device = on_device
 
     def __call__(self, img, rng=None):
+        if self.on_device:
+            return np.ascontiguousarray(img.transpose(2, 0, 1))
         if not self.to_chw:
             return img.astype(np.float32) * self.scale + self.offset
         out = np.empty((3,) + img.shape[:2], np.float32)
@@ -380,6 +393,23 @@ class Normalize:
             np.multiply(img[:, :, c], self.scale[c], out=out[c])
             out[c] += self.offset[c]
         return out
+
+    def device_normalize(self):
+        """``batch -> batch`` that normalises its uint8 ``[B, 3, H, W]`` tensors where they
+        are (see class doc); None unless ``on_device``."""
+        if not self.on_device:
+            return None
+        import paddle  # here: the loader's workers import this module and never need it
+        scale = paddle.to_tensor(self.scale.reshape(1, 3, 1, 1))
+        offset = paddle.to_tensor(self.offset.reshape(1, 3, 1, 1))
+
+        def normalize(value):
+            if isinstance(value, (list, tuple)):
+                return type(value)(normalize(v) for v in value)
+            if isinstance(value, paddle.Tensor) and value.dtype == paddle.uint8:
+                return value.astype("float32") * scale + offset
+            return value
+        return normalize
 
 
 @TRANSFORMS.register()

@@ -52,12 +52,25 @@ def checkpoint_dir(output_dir):
 
 # ---------------------------------------------------------------- random number generators
 
+def _current_card():
+    """This process's GPU number, None on CPU.
+
+    Only this card's generator is saved: ``paddle.get_rng_state()`` returns one state per
+    *visible* GPU and ``set_rng_state`` refuses a list of another length, so a run trained
+    seeing 8 cards could not resume with ``CUDA_VISIBLE_DEVICES=0,1,2,3``; and each process
+    draws only on its own card.
+    """
+    device = paddle.get_device()
+    return int(device.split(":")[1]) if device.startswith("gpu") else None
+
+
 def rng_state():
-    """Python, NumPy and Paddle (CPU and current device) generator states of this process."""
+    """Python, NumPy and Paddle (CPU and this process's GPU) generator states of this process."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "paddle_cpu": paddle.get_rng_state("cpu")}
-    if paddle.get_device() != "cpu":
-        state["paddle_device"] = paddle.get_rng_state()
+    card = _current_card()
+    if card is not None:
+        state["paddle_device"] = paddle.base.core.default_cuda_generator(card).get_state()
     return state
 
 
@@ -65,8 +78,14 @@ def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     paddle.set_rng_state(state["paddle_cpu"], "cpu")
-    if "paddle_device" in state:
-        paddle.set_rng_state(state["paddle_device"])
+    card, saved = _current_card(), state.get("paddle_device")  # none in a CPU run's state
+    if card is None or saved is None:
+        return
+    if isinstance(saved, (list, tuple)):  # older checkpoints: one state per visible card
+        if card >= len(saved):
+            return
+        saved = saved[card]
+    paddle.base.core.default_cuda_generator(card).set_state(saved)
 
 
 # ---------------------------------------------------------------- optimizer state by path

@@ -19,6 +19,7 @@ import paddle
 from passl import distributed
 from passl.config import ConfigDict, save_config
 from passl.data import build_dataloader, set_loader_epoch
+from passl.data.device_input import batch_normalizer, check_shared_memory
 from passl.engine import checkpoint, run_dir, world_change
 from passl.engine.amp import MixedPrecision
 from passl.engine.hooks import HOOKS
@@ -27,7 +28,8 @@ from passl.errors import ConfigError, UserError
 from passl.models import MODELS
 from passl.models.weights import load_pretrained
 from passl.registry import key_path_of
-from passl.runtime import configure_cpu_threads, seed_everything, select_device
+from passl.runtime import (configure_cpu_threads, local_process_count, seed_everything,
+                           select_device, set_deterministic)
 from passl.solver.lr_scheduler import build_lr_scheduler
 from passl.solver.optimizers import build_optimizer
 from passl.utils.logger import open_log_file, setup_logger
@@ -96,6 +98,8 @@ class Trainer:
         if "train" not in loaders:
             raise ConfigError("dataloader.train: missing; the trainer needs a train loader")
         self.train_loader = build_dataloader(loaders["train"], mode="train", seed=seed)
+        check_shared_memory(self.train_loader, local_process_count(), self.logger)
+        self.normalize_batch = batch_normalizer(self.train_loader)  # uint8 crops, on the device
         self._derive_run_values()
         self.lr_scheduler = build_lr_scheduler(cfg.get("lr_scheduler"), self.epochs,
                                                self.iters_per_epoch, self.global_batch_size)
@@ -124,6 +128,7 @@ class Trainer:
         cfg = self.cfg
         threads = configure_cpu_threads(cfg.get("threads", "auto"))  # idempotent
         self.device = select_device(cfg.get("device", "auto"))
+        deterministic = set_deterministic(cfg.get("deterministic", False))
         self.world_size = distributed.init_process_group()
         self.rank = distributed.get_rank()
         self.logger = setup_logger(self.output_dir, self.rank, defer_file=True)
@@ -133,6 +138,10 @@ class Trainer:
                          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
                          f"MKL_DEBUG_CPU_TYPE={threads['MKL_DEBUG_CPU_TYPE']}); "
                          f"output in {self.output_dir}")
+        if cfg.get("deterministic", False):
+            flags = ", ".join(f"{k}={v}" for k, v in deterministic.items())
+            self.logger.info(f"deterministic: {flags or 'no such flags in this Paddle build '}"
+                             f"{'' if flags else '(CPU kernels are deterministic already)'}")
         if self.device == "cpu" and self.world_size == 1 and threads["threads"] > 1 \
                 and not self.evaluate_only:
             self.logger.info(f"tip: on CPU, {threads['threads']} processes x 1 thread usually train "
@@ -264,6 +273,7 @@ class Trainer:
         step (SwAV's frozen prototypes) is skipped by the optimizer: no decay, no momentum.
         """
         self.batch_images = int(batch[1].shape[0])
+        batch = self.normalize_batch(batch)
         with self.amp.autocast():
             self.outputs = self.wrapped_model(batch)
         self.amp.backward(self.outputs["loss"])

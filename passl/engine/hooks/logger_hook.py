@@ -52,6 +52,9 @@ class LoggerHook(Hook):
 
     Each record averages the loss and every model log over the interval and all processes;
     ``ips`` counts images (``labels.shape[0]`` of each batch, not crops) over all processes.
+    The values stay on the device until a record is written (one host read per record, not
+    per step). Under float16 AMP, steps the GradScaler skipped (non-finite loss or gradients)
+    are left out of the averages and counted in ``skipped_steps``.
     """
 
     priority = Priority.BELOW_NORMAL
@@ -115,15 +118,26 @@ class LoggerHook(Hook):
 
     def _reset_interval(self):
         self.interval_start = time.perf_counter()
-        self.interval_sums = {}
+        self.interval_sums = {}   # device tensors or floats: read only when a record is written
         self.interval_steps = 0
         self.interval_images = 0
+        self.interval_skipped = 0
+
+    def _accumulate(self, values):
+        """Add this step's values without reading them: ``float(tensor)`` would wait for the
+        GPU every step; the sums are read once per record."""
+        for key, value in values.items():
+            if isinstance(value, paddle.Tensor):
+                value = value.detach().astype("float64").reshape([])
+            total = self.interval_sums.get(key)
+            self.interval_sums[key] = value if total is None else total + value
 
     def after_iter(self, trainer):
-        values = {"loss": trainer.outputs["loss"], **trainer.outputs.get("logs", {})}
-        for key, value in values.items():
-            self.interval_sums[key] = self.interval_sums.get(key, 0.0) + float(value)
-        self.interval_steps += 1
+        if getattr(trainer.amp, "last_step_skipped", False):  # float16: a non-finite step
+            self.interval_skipped += 1                        # is left out of the averages
+        else:
+            self._accumulate({"loss": trainer.outputs["loss"], **trainer.outputs.get("logs", {})})
+            self.interval_steps += 1
         self.interval_images += trainer.batch_images
         if self.bar is not None:
             self.bar.update(1)
@@ -139,18 +153,25 @@ class LoggerHook(Hook):
     def _write_record(self, trainer):
         """Average the interval over processes (a collective) and write one train record."""
         keys = sorted(self.interval_sums)
-        totals = paddle.to_tensor([self.interval_sums[k] for k in keys]
-                                  + [self.interval_steps, self.interval_images], dtype="float64")
-        totals = distributed.all_reduce(totals, op="sum").numpy()
-        steps, images = totals[-2], int(totals[-1])
-        means = {k: float(total / steps) for k, total in zip(keys, totals)}
+        sums = [self.interval_sums[k] for k in keys]
+        sums = [v if isinstance(v, paddle.Tensor) else paddle.to_tensor(v, dtype="float64")
+                for v in sums]
+        counts = paddle.to_tensor([self.interval_steps, self.interval_images,
+                                   self.interval_skipped], dtype="float64")
+        totals = paddle.concat([paddle.stack(sums), counts]) if sums else counts
+        totals = distributed.all_reduce(totals, op="sum").numpy()  # the one host read
+        steps, images, skipped = totals[-3], int(totals[-2]), int(totals[-1])
+        means = {k: float(total / steps) if steps else float("nan")
+                 for k, total in zip(keys, totals)}
         elapsed = max(time.perf_counter() - self.interval_start, 1e-9)
         ips = images / elapsed
         self.images_seen += images
-        self.iters_done += self.interval_steps
+        self.iters_done += self.interval_steps + self.interval_skipped
         record = {"type": "train", "epoch": trainer.epoch + 1, "iter": trainer.iter + 1,
-                  "loss": means.pop("loss"), "lr": trainer.optimizer.get_lr(), "ips": ips,
-                  **means}
+                  "loss": means.pop("loss", float("nan")), "lr": trainer.optimizer.get_lr(),
+                  "ips": ips, **means}
+        if getattr(trainer.amp, "scaler", None) is not None:
+            record["skipped_steps"] = skipped // trainer.world_size
         trainer.metrics.write(record)
         eta = self._eta(trainer)
         line = (f"epoch {record['epoch']}/{trainer.epochs} iter {trainer.inner_iter + 1}/"

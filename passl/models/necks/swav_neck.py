@@ -43,4 +43,6 @@ class SwAVNeck(nn.Layer):
 
     def forward(self, features):
         """``[N, in_dim]`` features -> ``[N, out_dim]`` unit-length embeddings."""
-        return F.normalize(self.mlp(features), p=2, axis=1, epsilon=1e-12)
+        embeddings = self.mlp(features)
+        # float32 under AMP: in float16 the squared norms overflow above 256 and epsilon is 0
+        return F.normalize(embeddings.astype("float32"), p=2, axis=1, epsilon=1e-12)
