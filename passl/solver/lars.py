@@ -79,6 +79,11 @@ class LARS(Optimizer):
             self._add_accumulator(self._velocity_acc_str, param)
             self._already_create_accumulator.add(param.name)
 
+    def _update_param_group(self, parameters):
+        """A parameter group's members (Paddle hands groups over as dicts). Its only
+        option, the lr multiplier, lives on each parameter (``optimize_attr``)."""
+        return parameters.get("params")
+
     def _adapted_gradient(self, param, grad):
         """``d`` of the module doc: the gradient with decay, scaled by the trust ratio."""
         if self._exclude_from_adaptation and param.ndim <= 1:
