@@ -10,6 +10,7 @@ from passl.config import ConfigDict
 from passl.errors import ConfigError
 from passl.registry import check_keys, key_path_of
 from passl.solver.registry import OPTIMIZERS
+from passl.utils.logger import get_logger
 
 #: Keys of one ``optimizer.param_groups`` entry.
 GROUP_KEYS = ("prefix", "lr_mult")
@@ -120,6 +121,10 @@ def group_parameters(model, groups):
               for (_, lr_mult), params in zip(checked, members)]
     if rest:
         result.append({"params": rest, "learning_rate": 1.0})
+    get_logger().info("optimizer.param_groups: " + ", ".join(
+        f"{prefix} ({len(params)} tensors) lr x {lr_mult:g}"
+        for (prefix, lr_mult), params in zip(checked, members))
+        + (f", the rest ({len(rest)} tensors) lr x 1" if rest else ""))
     return result
 
 
