@@ -1,4 +1,4 @@
-"""configs/swav/swav_semisup_r50_{1,10}pct.yaml: the reference recipe, built at 1 and 8 processes."""
+"""Semi-supervised configs: the r50 reference recipe at 1 and 8 processes, and the demo's low-shot one."""
 import os
 
 import numpy as np
@@ -74,3 +74,20 @@ def test_train_dataset_reads_a_simclr_subset_file(tmp_path):
     assert len(dataset) == 2 and dataset.labels.tolist() == [1, 0]
     image, label = dataset[0]
     assert image.shape == (3, 224, 224) and label == 1
+
+
+def test_demo_low_shot_config_fine_tunes_with_five_labels_per_class():
+    cfg = load_config(os.path.join(CONFIGS, "swav_semisup_r18_digits.yaml"))
+    pretrain = load_config(os.path.join(CONFIGS, "swav_r18_digits.yaml"))
+    assert cfg.dataloader.train.dataset.subset == {"per_class": 5, "seed": 0}
+    assert cfg.model.freeze_backbone is False
+    # the backbone the demo pretrains, so --pretrained loads it exactly
+    assert {k: v for k, v in cfg.model.backbone.items() if k != "pool_size"} == \
+        {k: v for k, v in pretrain.model.backbone.items() if k != "pool_size"}
+    model = MODELS.build(cfg.model)
+    schedule = build_lr_scheduler(cfg.lr_scheduler, cfg.epochs, iters_per_epoch=5,
+                                  global_batch_size=cfg.dataloader.train.sampler.batch_size)
+    optimizer = build_optimizer(cfg.optimizer, model, schedule)
+    trunk, head = optimizer._param_groups
+    assert {p.name for p in head["params"]} == {model.fc.weight.name, model.fc.bias.name}
+    assert schedule() * trunk["learning_rate"] < schedule() * head["learning_rate"]
