@@ -42,6 +42,8 @@ def test_progress_notes_come_from_epoch_ends_and_evaluations():
            "images/s 72.1 eta 0:12:43 prototypes_used 0.7667 queue_in_use 1")
     assert demo.progress_of(end) == "epoch 4/20  loss 2.146  about 0:12:43 left"
     assert demo.progress_of(end.replace("iter 22/22", "iter 10/22")) is None
+    assert demo.progress_of(end.replace("epoch 4/20", "epoch 3/20")) is None  # every 2nd of 20
+    assert demo.progress_of(end.replace("epoch 4/20", "epoch 7/7")).startswith("epoch 7/7 ")
     assert demo.progress_of("[t] INFO evaluation after epoch 10: top1 70.42, top5 96.62") == \
         "after epoch 10: top1 70.42, top5 96.62"
     assert demo.progress_of("[t] INFO checkpoint saved: x.pd") is None
@@ -66,7 +68,8 @@ def test_demo_pipeline_runs_and_reports_its_metrics(tmp_path):
                            "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # progress streamed while pretraining ran: one note per epoch
+    # progress streamed while pretraining ran: a note per epoch (10 at most)
+    assert re.search(r"^    epoch 1/2  loss [\d.]+  about \S+ left$", proc.stdout, re.M)
     assert re.search(r"^    epoch 2/2  loss [\d.]+  about \S+ left$", proc.stdout, re.M)
 
     train = [r for r in read_records(out / "pretrain" / "metrics.jsonl") if r["type"] == "train"]

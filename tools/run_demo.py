@@ -13,6 +13,7 @@ with 5 labels per class; finally raw pixels, with the same kNN and a logistic re
 """
 import collections
 import json
+import logging
 import os
 import re
 import subprocess
@@ -64,10 +65,13 @@ def parse_args(argv):
 
 
 def progress_of(line):
-    """A short progress note for a tool's log line, or None: one per epoch and evaluation."""
+    """A short progress note for a tool's log line, or None: every evaluation, and the end
+    of every tenth of the epochs (and of the last one)."""
     epoch = EPOCH_LINE.search(line)
     if epoch and epoch.group(3) == epoch.group(4):
         done, total, _, _, loss, eta = epoch.groups()
+        if int(done) % max(1, int(total) // 10) and done != total:
+            return None
         return f"epoch {done}/{total}  loss {float(loss):.3f}  about {eta} left"
     evaluation = EVAL_LINE.search(line)
     if evaluation:
@@ -130,8 +134,10 @@ def raw_pixels():
     """Raw-pixel kNN and logistic regression for every label column (in this process)."""
     from passl.config import load_config
     from passl.evaluation.pixel_baselines import raw_pixel_baselines
+    from passl.utils.logger import get_logger
 
     print("- raw pixels: kNN and logistic regression ...", flush=True)
+    get_logger().setLevel(logging.WARNING)  # the dataset's "labelled subset" note: said above
     results = {}
     for column, overrides in LABELS:
         scores = raw_pixel_baselines(load_config(CLAS_CFG, overrides["kNN"][1::2]))
