@@ -1,6 +1,6 @@
 """Run the built-in demo end to end: SwAV features against random init and raw pixels.
 
-    python tools/run_demo.py                      # about 10 min on 2 cores
+    python tools/run_demo.py                      # 7-10 min on 2 cores
     python tools/run_demo.py --epochs 1 --linear-epochs 1 --finetune-epochs 1 --output-dir /tmp/demo
 
 Steps (each one the README's command, run as a subprocess whose progress is shown as it
@@ -32,19 +32,19 @@ CLAS_CFG = os.path.join(CONFIGS, "swav_clas_r18_digits.yaml")
 FINETUNE_CFG = os.path.join(CONFIGS, "swav_semisup_r18_digits.yaml")
 FEW = 5  # labels per class of the low-shot columns (swav_semisup_r18_digits.yaml's subset)
 
-#: Overrides that select the labels: (column, {protocol: overrides}). The fine-tuning config
-#: holds the 5-per-class subset; the kNN and linear configs use every label.
+#: ``-o`` overrides that select the labels: (column, {protocol: overrides}). The fine-tuning
+#: config holds the 5-per-class subset; the kNN and linear configs use every label.
 LABELS = (
     ("all labels", {
         "kNN": [],
         "linear": [],
-        "fine-tune": ["-o", "dataloader.train.dataset.subset=null",
-                      "-o", "dataloader.train.sampler.batch_size=64", "-o", "epochs=15"],
+        "fine-tune": ["dataloader.train.dataset.subset=null",
+                      "dataloader.train.sampler.batch_size=64", "epochs=15"],
     }),
     (f"{FEW} per class", {
-        "kNN": ["-o", f"+dataloader.train.dataset.subset.per_class={FEW}"],
-        "linear": ["-o", f"+dataloader.train.dataset.subset.per_class={FEW}",
-                   "-o", "dataloader.train.sampler.batch_size=10"],
+        "kNN": [f"+dataloader.train.dataset.subset.per_class={FEW}"],
+        "linear": [f"+dataloader.train.dataset.subset.per_class={FEW}",
+                   "dataloader.train.sampler.batch_size=10"],
         "fine-tune": [],
     }),
 )
@@ -123,8 +123,9 @@ def evaluate_backbone(out, tag, label, init_args, epoch_opts):
                                            ("linear", "train.py", CLAS_CFG, "top1"),
                                            ("fine-tune", "train.py", FINETUNE_CFG, "top1")):
             step_dir = os.path.join(out, f"{protocol.replace('-', '')}_{tag}_{slug}")
+            flags = [flag for value in overrides[protocol] for flag in ("-o", value)]
             run_step(f"{protocol}, {label}, {column}", script, "-c", cfg,
-                     "-o", f"output_dir={step_dir}", *overrides[protocol],
+                     "-o", f"output_dir={step_dir}", *flags,
                      *epoch_opts.get(protocol, []), *init_args)
             results[(column, protocol)] = last_record(step_dir, key)[key]
     return results
@@ -140,7 +141,7 @@ def raw_pixels():
     get_logger().setLevel(logging.WARNING)  # the dataset's "labelled subset" note: said above
     results = {}
     for column, overrides in LABELS:
-        scores = raw_pixel_baselines(load_config(CLAS_CFG, overrides["kNN"][1::2]))
+        scores = raw_pixel_baselines(load_config(CLAS_CFG, overrides["kNN"]))
         results[(column, "kNN")] = scores["knn_top1"]
         results[(column, "linear")] = scores["logreg_top1"]
     return results
@@ -185,10 +186,10 @@ def main(argv=None):
             ("raw pixels", raw_pixels())]
 
     print("\n" + format_table(rows))
-    print(f"\n355 val digits. kNN: k=20 cosine vote (T=0.07), the train images as the memory "
-          f"bank; linear: a linear layer on the frozen backbone (raw pixels: logistic "
-          f"regression); fine-tune: the whole network. {FEW} per class = the same 50 images "
-          f"for every row. Pretraining {pretrain_seconds / 60:.1f} min, all "
+    print(f"\nTop-1 on the 355 val digits. kNN: k=20 cosine vote (T=0.07), the train images as "
+          f"the bank.\nlinear: a linear layer on the frozen backbone (raw pixels: logistic "
+          f"regression). fine-tune: the whole network.\n{FEW} per class: the same 50 images for "
+          f"every row. Pretraining took {pretrain_seconds / 60:.1f} min, the whole demo "
           f"{(time.time() - start) / 60:.1f} min.")
     return 0
 
