@@ -137,3 +137,15 @@ def test_sigkill_then_resume_auto_ends_like_an_uninterrupted_run(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from" in second.stdout
     assert_same_run(str(tmp_path / "whole"), str(tmp_path / "killed"))
+
+
+def test_resume_with_parameter_groups_continues_exactly(tmp_path):
+    """Fine-tuning's per-group lr multipliers survive a resume (they are config, not state)."""
+    optimizer = {"name": "Momentum", "momentum": 0.9,
+                 "param_groups": [{"prefix": "backbone", "lr_mult": 0.1}]}
+    reference = toy_trainer(tmp_path, "reference", optimizer=optimizer)
+    reference.train()
+    epoch_1 = os.path.join(reference.output_dir, "checkpoints", "epoch_1.pd")
+    resumed = toy_trainer(tmp_path, "resumed", resume=epoch_1, optimizer=optimizer)
+    resumed.train()
+    assert_same_run(reference.output_dir, resumed.output_dir, first_iter=5)
