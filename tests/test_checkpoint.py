@@ -185,3 +185,15 @@ def test_cpu_rng_state_round_trip_repeats_the_draws():
     first = (np.random.rand(), paddle.rand([3]).numpy().tolist())
     checkpoint.set_rng_state(saved)
     assert (np.random.rand(), paddle.rand([3]).numpy().tolist()) == first
+
+
+def test_resume_with_parameter_groups_continues_exactly(tmp_path):
+    """Fine-tuning's per-group lr multipliers survive a resume (they are config, not state)."""
+    optimizer = {"name": "Momentum", "momentum": 0.9,
+                 "param_groups": [{"prefix": "backbone", "lr_mult": 0.1}]}
+    reference = toy_trainer(tmp_path, "reference", optimizer=optimizer)
+    reference.train()
+    epoch_1 = os.path.join(reference.output_dir, "checkpoints", "epoch_1.pd")
+    resumed = toy_trainer(tmp_path, "resumed", resume=epoch_1, optimizer=optimizer)
+    resumed.train()
+    assert_same_run(reference.output_dir, resumed.output_dir, first_iter=5)

@@ -77,3 +77,16 @@ def test_initialisation_follows_the_reference():
 def test_bad_settings_are_config_errors(config, message):
     with pytest.raises(ConfigError, match=message):
         ResNet(**config)
+
+
+@pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
+def test_pool_size_keeps_a_grid_of_averages(data_format):
+    paddle.seed(0)
+    model = ResNet(depth=18, layers=[1, 1, 1, 1], base_width=8, stem="cifar", pool_size=2,
+                   data_format=data_format)
+    model.eval()
+    x = paddle.rand([2, 3, 32, 32])
+    fmap = model.feature_map(x).numpy()                       # [2, 64, 4, 4]
+    expected = fmap.reshape(2, 64, 2, 2, 2, 2).mean(axis=(3, 5)).reshape(2, -1)
+    assert model.out_channels == 64 * 4
+    np.testing.assert_allclose(model(x).numpy(), expected, rtol=1e-5, atol=1e-6)

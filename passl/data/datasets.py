@@ -32,6 +32,7 @@ import paddle
 from passl.data.check import read_exclude_list
 from passl.data.image_io import IMAGE_EXTENSIONS, DataError, read_image
 from passl.data.registry import DATASETS
+from passl.data.subsets import subset_indices
 from passl.data.transforms import build_pipeline
 from passl.errors import ConfigError
 from passl.utils.logger import get_logger
@@ -58,11 +59,13 @@ class ImageDataset(paddle.io.Dataset):
     """
 
     def __init__(self, root, relative_paths, labels, transforms=None, skip_corrupt=False, seed=0,
-                 exclude=None):
+                 subset=None, exclude=None):
         super().__init__()
         if int(seed) != seed or seed < 0:
             raise ConfigError(f"{type(self).__name__}: seed must be a non-negative integer, "
                               f"got {seed!r}")
+        if subset is not None:
+            relative_paths, labels = self._keep_subset(subset, root, relative_paths, labels)
         if exclude:
             relative_paths, labels = self._without(exclude, relative_paths, labels)
         self.root = root
@@ -89,6 +92,13 @@ class ImageDataset(paddle.io.Dataset):
     def relative_paths(self):
         """Every image path relative to ``root``, in index order."""
         return [os.fsdecode(p) for p in self._paths]
+
+    def _keep_subset(self, subset, root, relative_paths, labels):
+        """The samples the ``subset`` block keeps (:mod:`passl.data.subsets`), logged."""
+        keep = subset_indices(subset, root, relative_paths, labels, getattr(self, "classes", None))
+        get_logger().info(f"{type(self).__name__} {root}: labelled subset of {len(keep)} of "
+                          f"{len(relative_paths)} images ({dict(subset)})")
+        return [relative_paths[i] for i in keep], np.asarray(labels)[keep]
 
     def path(self, index):
         return os.path.join(self.root, os.fsdecode(self._paths[index]))
@@ -157,13 +167,16 @@ class ImageFolder(ImageDataset):
     """``root/<class_name>/<image>`` (ImageNet's train and val layout); classes sorted by name.
 
     Config keys: ``root``, ``transforms`` (list of transform blocks), ``skip_corrupt``
-    (see the module docstring), ``exclude`` (a file of root-relative image paths to leave
-    out, as ``tools/check_data.py`` writes it), ``seed`` (the trainer passes the config's seed).
+    (see the module docstring), ``seed`` (the trainer passes the config's seed), ``subset``
+    (keep a labelled subset: SimCLR's 1%/10% file, a fraction or N per class; see
+    :mod:`passl.data.subsets`), ``exclude`` (a file of root-relative image paths to leave
+    out, as ``tools/check_data.py`` writes it).
     An empty class folder is an error; with ``skip_corrupt: true`` it is a warning and
     the class keeps its label index.
     """
 
-    def __init__(self, root, transforms=None, skip_corrupt=False, seed=0, exclude=None):
+    def __init__(self, root, transforms=None, skip_corrupt=False, seed=0, subset=None,
+                 exclude=None):
         root = _existing_dir(root, type(self).__name__)
         self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
         if not self.classes:
@@ -179,7 +192,7 @@ class ImageFolder(ImageDataset):
                 get_logger().warning(f"skip_corrupt: {message}; the class keeps label {label}")
             paths.extend(os.path.join(name, f) for f in files)
             labels.extend([label] * len(files))
-        super().__init__(root, paths, labels, transforms, skip_corrupt, seed, exclude)
+        super().__init__(root, paths, labels, transforms, skip_corrupt, seed, subset, exclude)
 
 
 @DATASETS.register()
@@ -188,17 +201,18 @@ class ImageList(ImageDataset):
 
     PASSL's list format. Unlabelled lists (``relative/path`` only, for pretraining) get
     label -1; every line must then be unlabelled. Blank lines are ignored; paths may not
-    contain spaces. Other keys as :class:`ImageFolder`.
+    contain spaces. Other keys as :class:`ImageFolder` (``subset``: fraction or per_class).
     """
 
-    def __init__(self, root, list_file, transforms=None, skip_corrupt=False, seed=0, exclude=None):
+    def __init__(self, root, list_file, transforms=None, skip_corrupt=False, seed=0, subset=None,
+                 exclude=None):
         root = _existing_dir(root, type(self).__name__)
         list_file = os.path.expanduser(list_file)
         if not os.path.isfile(list_file):
             raise DataError(f"ImageList: list_file not found: {list_file}; check the dataset's "
                             "list_file in the config")
         paths, labels = self._parse(list_file)
-        super().__init__(root, paths, labels, transforms, skip_corrupt, seed, exclude)
+        super().__init__(root, paths, labels, transforms, skip_corrupt, seed, subset, exclude)
 
     @staticmethod
     def _parse(list_file):
@@ -325,16 +339,17 @@ class Digits(ImageFolder):
 
     Config keys: ``cache_dir`` (where the PNGs go, written once and reused while the
     manifest matches), ``split`` (train | val), ``image_size``, plus ImageFolder's
-    ``transforms``, ``skip_corrupt``, ``seed``.
+    ``transforms``, ``skip_corrupt``, ``seed``, ``subset`` (e.g. ``{per_class: 5}``: the
+    demo's low-shot protocol).
     """
 
     SPLITS = ("train", "val")
 
     def __init__(self, cache_dir="~/.cache/passl/digits", split="train", image_size=32,
-                 transforms=None, skip_corrupt=False, seed=0):
+                 transforms=None, skip_corrupt=False, seed=0, subset=None):
         if split not in self.SPLITS:
             raise ConfigError(f"Digits: split must be one of {', '.join(self.SPLITS)}, got {split!r}")
         if not isinstance(image_size, int) or image_size < 8:
             raise ConfigError(f"Digits: image_size must be an int >= 8, got {image_size!r}")
         root = materialise_digits(cache_dir, image_size)
-        super().__init__(os.path.join(root, split), transforms, skip_corrupt, seed)
+        super().__init__(os.path.join(root, split), transforms, skip_corrupt, seed, subset)

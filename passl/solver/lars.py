@@ -92,6 +92,11 @@ class LARS(Optimizer):
             self._add_accumulator(self._velocity_acc_str, param)
             self._already_create_accumulator.add(param.name)
 
+    def _update_param_group(self, parameters):
+        """A parameter group's members (Paddle hands groups over as dicts). Its only
+        option, the lr multiplier, lives on each parameter (``optimize_attr``)."""
+        return parameters.get("params")
+
     def _append_optimize_op(self, block, param_and_grad):
         """Collect: Paddle calls this per parameter with a gradient; _finish_update applies."""
         if isinstance(param_and_grad, dict):

@@ -100,13 +100,17 @@ class ResNet(nn.Layer):
         base_width: channels of the stem and first stage (64); stages double it.
         data_format: ``NCHW`` or ``NHWC`` for the internal layers (NHWC can be
             faster on GPUs with AMP); inputs are always NCHW.
+        pool_size: the average pool's output grid, flattened into the features: 1 (the
+            paper's global pool) or e.g. 2 (a 2x2 grid keeps where a stroke is, which kNN
+            on small images uses; ``out_channels`` is then channels x 4). It has no
+            weights, so an evaluation may use another size than pretraining.
 
     ``forward(x)`` returns pooled features ``[N, out_channels]``;
     ``feature_map(x)`` the last stage's map ``[N, out_channels, h, w]``.
     """
 
     def __init__(self, depth=50, width_multiplier=1, zero_init_residual=False, stem="imagenet",
-                 layers=None, base_width=64, data_format="NCHW"):
+                 layers=None, base_width=64, data_format="NCHW", pool_size=1):
         super().__init__()
         if depth not in DEPTHS:
             raise ConfigError(f"ResNet depth {depth!r} is not supported; choose one of "
@@ -133,8 +137,10 @@ class ResNet(nn.Layer):
             stage, in_channels = self._make_stage(block, in_channels, width * 2 ** index, blocks,
                                                   stride=1 if index == 0 else 2)
             setattr(self, f"layer{index + 1}", stage)
-        self.avgpool = nn.AdaptiveAvgPool2D(1, data_format=data_format)
-        self.out_channels = in_channels
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int) or pool_size < 1:
+            raise ConfigError(f"ResNet pool_size {pool_size!r} must be a positive integer")
+        self.avgpool = nn.AdaptiveAvgPool2D(pool_size, data_format=data_format)
+        self.out_channels = in_channels * pool_size ** 2
         self._init_weights(zero_init_residual)
 
     def _make_stage(self, block, in_channels, planes, blocks, stride):
@@ -175,8 +181,12 @@ class ResNet(nn.Layer):
         return x.transpose([0, 3, 1, 2]) if self.data_format == "NHWC" else x
 
     def forward(self, x):
-        """NCHW images -> globally average-pooled features ``[N, out_channels]``."""
-        return paddle.flatten(self.avgpool(self._trunk(x)), 1)
+        """NCHW images -> average-pooled features ``[N, out_channels]`` (channel-major:
+        the ``pool_size`` x ``pool_size`` cells of channel 0, then of channel 1, ...)."""
+        pooled = self.avgpool(self._trunk(x))
+        if self.data_format == "NHWC":
+            pooled = pooled.transpose([0, 3, 1, 2])
+        return paddle.flatten(pooled, 1)
 
 
 # ---------------------------------------------------------------- PyTorch weights
