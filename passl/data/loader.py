@@ -11,10 +11,13 @@ multi-crop datasets, a list with one such Tensor per crop (crops of equal size
 consecutive); ``labels`` int64 ``[B]`` (-1 when unlabelled).
 
 Before each epoch call :func:`set_loader_epoch`: it reshuffles the sampler and selects
-the dataset's augmentations for that epoch. Workers are not persistent, so each
-epoch's workers start from the dataset as it is when iteration begins.
+the dataset's augmentations for that epoch, and, for a run resumed mid-epoch, skips the
+batches already trained on. Workers are not persistent, so each epoch's workers start from
+the dataset as it is when iteration begins.
 """
+import itertools
 import queue
+import signal
 import threading
 
 import cv2
@@ -24,7 +27,8 @@ from paddle.io import BatchSampler, DataLoader, DistributedBatchSampler, Sampler
 
 from passl import distributed
 from passl.data.registry import DATASETS
-from passl.errors import ConfigError, UserError
+from passl.preemption import ignore_stop_signals
+from passl.errors import ConfigError, ResumableError, UserError
 from passl.registry import check_keys, key_path_of, source_of
 
 MODES = ("train", "val")
@@ -68,6 +72,13 @@ def single_threaded_opencv(worker_id=None):
     cv2.setNumThreads(1)
 
 
+def init_worker(worker_id):
+    """Set-up of each loader worker process: one OpenCV thread, and no stop signals (the
+    training process stops its workers itself, after the step in progress)."""
+    single_threaded_opencv()
+    ignore_stop_signals()
+
+
 class RankShard(Sampler):
     """This rank's share of the dataset in order (indices rank, rank + world, ...).
 
@@ -87,23 +98,59 @@ class RankShard(Sampler):
         return len(range(self.rank, self.size, self.world_size))
 
 
+class ResumableBatchSampler(DistributedBatchSampler):
+    """DistributedBatchSampler that can start an epoch after its first ``skip`` batches.
+
+    The batches are those of the full epoch (the permutation depends only on the epoch), so
+    a run resumed mid-epoch sees exactly the batches the uninterrupted run saw next; the
+    skipped ones are never sent to the dataset, so their images are not loaded. ``len()``
+    stays the full epoch's. The skip applies to the next iteration only.
+    """
+
+    skip = 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
 def build_batch_sampler(dataset, mode, batch_size, shuffle, drop_last):
-    """Training: DistributedBatchSampler (a new permutation per epoch, the same on every
-    rank). Ordered evaluation: :class:`RankShard` batches, without padding."""
+    """Training: :class:`ResumableBatchSampler` (a new permutation per epoch, the same on
+    every rank). Ordered evaluation: :class:`RankShard` batches, without padding."""
     if mode == "val" and not shuffle:
         return BatchSampler(sampler=RankShard(dataset), batch_size=batch_size, drop_last=drop_last)
-    return DistributedBatchSampler(dataset, batch_size=batch_size, shuffle=shuffle,
-                                   drop_last=drop_last)
+    return ResumableBatchSampler(dataset, batch_size=batch_size, shuffle=shuffle,
+                                 drop_last=drop_last)
+
+
+class DataWorkerDied(ResumableError):
+    """A loader worker process died (usually killed by the out-of-memory killer)."""
+
+
+def worker_death(workers):
+    """The :class:`DataWorkerDied` naming the first of ``workers`` (a Paddle iterator's
+    worker processes) killed by a signal, or None when none was."""
+    for index, worker in enumerate(workers):
+        if worker.exitcode is not None and worker.exitcode < 0:
+            return DataWorkerDied(
+                f"data-loader worker {index} (pid {worker.pid}) was killed by "
+                f"{signal.Signals(-worker.exitcode).name}; usually the out-of-memory killer: "
+                f"lower dataloader.train.loader.num_workers or "
+                f"dataloader.train.sampler.batch_size")
+    return None
 
 
 class _WorkerUserErrors:
-    """Brings a loader worker's UserError (e.g. a corrupt image) back to the main thread.
+    """Brings a loader worker's UserError (e.g. a corrupt image) or death back to the main
+    thread as one clear error.
 
     Paddle re-raises a worker's exception in its prefetch thread, where Python only
     prints it, and the main thread then fails with "SystemError: Blocking queue is
     killed". A ``threading.excepthook`` keeps UserErrors from that thread (chaining to
     the previous hook for anything else), and the iterator raises the kept error in
-    place of the SystemError, so the user sees the one line naming the file.
+    place of the SystemError, so the user sees the one line naming the file. A worker
+    that died (SIGKILL from the out-of-memory killer) ends in the same SystemError: that
+    becomes :class:`DataWorkerDied` (:func:`worker_death`).
     """
 
     WAIT_SECONDS = 2.0  # the prefetch thread raises right after killing the queue
@@ -137,11 +184,14 @@ class _WorkerUserErrors:
     def __next__(self):
         try:
             return next(self.iterator)
-        except SystemError:
+        except SystemError as system_error:
+            died = worker_death(getattr(self.iterator, "_workers", ()))
+            if died is not None:
+                raise died from None
             try:
                 error = self.errors.get(timeout=self.WAIT_SECONDS)
             except queue.Empty:
-                raise
+                raise system_error from None
             # Stop the workers now (Paddle's own shutdown), not by SIGTERM at exit.
             getattr(self.iterator, "_try_shutdown_all", lambda: None)()
             raise error from None
@@ -158,7 +208,13 @@ class PasslDataLoader(DataLoader):
     def __iter__(self):
         if self.num_workers == 0:
             return self._read_in_this_thread()
-        return _WorkerUserErrors(super().__iter__())
+        iterator = super().__iter__()
+        # Paddle's SIGCHLD handler raises a dead worker's SystemError in the main thread
+        # wherever it is: inside a logging call (which swallows it and prints a traceback) or
+        # a checkpoint write. Its prefetch thread notices the death as well (within 5 s), and
+        # then the next batch fails where _WorkerUserErrors reports it.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        return _WorkerUserErrors(iterator)
 
     def _read_in_this_thread(self):
         for indices in self.batch_sampler:
@@ -196,14 +252,23 @@ def build_dataloader(cfg, mode="train", seed=0):
             "lower it")
     _WorkerUserErrors.install()
     return PasslDataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
-                           worker_init_fn=single_threaded_opencv, persistent_workers=False,
+                           worker_init_fn=init_worker, persistent_workers=False,
                            **loader_options)
 
 
-def set_loader_epoch(loader, epoch):
+def set_loader_epoch(loader, epoch, skip_batches=0):
     """Prepare ``loader`` for ``epoch``: the sampler's permutation (Paddle seeds it with the
     epoch, so it is the same on every rank; ordered evaluation samplers have none) and the
-    dataset's augmentations."""
+    dataset's augmentations.
+
+    ``skip_batches``: the next iteration starts after that many batches of the epoch (each
+    rank skips that many of its own), without loading them: how a run resumed mid-epoch
+    (``steps_in_epoch`` of its checkpoint) continues with the batches it would have seen.
+    """
     if isinstance(loader.batch_sampler, DistributedBatchSampler):
         loader.batch_sampler.set_epoch(epoch)
+    if skip_batches:
+        if not isinstance(loader.batch_sampler, ResumableBatchSampler):
+            raise ValueError(f"cannot skip batches of a {type(loader.batch_sampler).__name__}")
+        loader.batch_sampler.skip = skip_batches
     loader.dataset.set_epoch(epoch)

@@ -2,7 +2,9 @@
 
 Layout: ``output_dir/checkpoints/epoch_N.pd`` (N = epochs completed) and
 ``checkpoints/latest.pd``, a relative symlink to the newest complete one (a hard link where
-the file system has no symlinks). Opening ``latest.pd`` therefore opens a checkpoint, so any
+the file system has no symlinks). A run stopped by a signal (:mod:`passl.preemption`)
+writes ``epoch_E_step_S.pd``: S optimizer steps into epoch E, both counted as the log lines
+count them (1-based epoch, steps done); it is removed once a later checkpoint is written. Opening ``latest.pd`` therefore opens a checkpoint, so any
 tool that reads checkpoints (``tools/extract_weight.py``) accepts it as is.
 
 Crash safety: a checkpoint is written to ``epoch_N.pd.tmp``, flushed to disk and renamed
@@ -12,7 +14,9 @@ made link over it. A crash at any point leaves ``latest.pd`` pointing at a compl
 Content (one ``paddle.save`` dict, written by rank 0)::
 
     kind, version          marker: refuse anything else with a one-line error
-    epoch, iter            epochs completed and optimizer steps done
+    epoch, iter            epochs completed and optimizer steps done (in all)
+    steps_in_epoch         optimizer steps done in epoch ``epoch`` (0-based), 0 at an epoch
+                           boundary; resuming skips that many batches of the epoch
     model                  model.state_dict() (unwrapped: no DataParallel prefix)
     optimizer              accumulators (LARS/SGD momentum, Adam moments) by parameter path
     lr_scheduler           its state_dict (the iteration it is at)
@@ -35,11 +39,13 @@ import paddle
 
 from passl import distributed
 from passl.errors import UserError
+from passl.io.write_errors import reporting_write_errors
 
 KIND = "passl-training-checkpoint"
 VERSION = 1
 LATEST = "latest.pd"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pd$")
+_MID_EPOCH_FILE = re.compile(r"^epoch_(\d+)_step_(\d+)\.pd$")
 
 
 def checkpoint_dir(output_dir):
@@ -127,6 +133,22 @@ def _point_latest(directory, target_name):
     os.replace(tmp, link)
 
 
+def checkpoint_name(epoch, steps_in_epoch=0):
+    """File name of the checkpoint at a position (``epoch`` epochs and ``steps_in_epoch``
+    steps of the next one done), see the module doc."""
+    return f"epoch_{epoch + 1}_step_{steps_in_epoch}.pd" if steps_in_epoch else f"epoch_{epoch}.pd"
+
+
+def mid_epoch_checkpoints(directory):
+    """``[((epochs completed, steps in epoch), path)]`` of the ``epoch_E_step_S.pd`` files."""
+    found = []
+    for path in glob.glob(os.path.join(directory, "epoch_*_step_*.pd")):
+        match = _MID_EPOCH_FILE.match(os.path.basename(path))
+        if match:
+            found.append(((int(match.group(1)) - 1, int(match.group(2))), path))
+    return sorted(found)
+
+
 def epoch_checkpoints(directory):
     """``[(epoch, path)]`` of the complete ``epoch_N.pd`` files in ``directory``, oldest first."""
     found = []
@@ -138,20 +160,24 @@ def epoch_checkpoints(directory):
 
 
 def save_checkpoint(state, directory, keep_last=None):
-    """Write ``state`` as ``epoch_{state['epoch']}.pd``, point ``latest.pd`` at it, prune.
+    """Write ``state`` under :func:`checkpoint_name`, point ``latest.pd`` at it, prune.
 
     Args:
         keep_last: keep this many newest ``epoch_N.pd`` files up to this epoch (None or 0:
-            keep all).
+            keep all). Mid-epoch files before this position are always removed.
 
     Returns:
         The path written.
     """
     os.makedirs(directory, exist_ok=True)
-    name = f"epoch_{state['epoch']}.pd"
+    position = (state["epoch"], state.get("steps_in_epoch", 0))
+    name = checkpoint_name(*position)
     path = os.path.join(directory, name)
     write_atomic(state, path)
     _point_latest(directory, name)
+    for older, old_path in mid_epoch_checkpoints(directory):
+        if older < position:  # later ones may belong to an earlier run in this output_dir
+            os.remove(old_path)
     if keep_last:
         # only files up to this epoch: a later-numbered file left by an earlier run in the
         # same output_dir must not push out the checkpoints of this run
@@ -228,8 +254,9 @@ def hook_key(hooks, index):
     return name if len(same) == 1 else f"{name}.{same.index(index)}"
 
 
-def capture(trainer):
-    """The checkpoint dict of ``trainer`` at an epoch boundary; collective, all ranks call it.
+def capture(trainer, steps_in_epoch=0):
+    """The checkpoint dict of ``trainer`` at the end of epoch ``trainer.epoch``, or, with
+    ``steps_in_epoch``, that many steps into it; collective, all ranks call it.
 
     Returns the dict on rank 0 and None elsewhere (only rank 0 writes).
     """
@@ -241,7 +268,8 @@ def capture(trainer):
         return None
     return {
         "kind": KIND, "version": VERSION,
-        "epoch": trainer.epoch + 1, "iter": trainer.iter,
+        "epoch": trainer.epoch + (0 if steps_in_epoch else 1), "iter": trainer.iter,
+        "steps_in_epoch": steps_in_epoch,
         "model": trainer.model.state_dict(),
         "optimizer": optimizer_state(trainer.optimizer, trainer.model),
         "lr_scheduler": trainer.lr_scheduler.state_dict(),
@@ -250,6 +278,26 @@ def capture(trainer):
         "per_rank": per_rank,
         "config": trainer.cfg.to_dict() if hasattr(trainer.cfg, "to_dict") else dict(trainer.cfg),
     }
+
+
+def save_trainer_checkpoint(trainer, keep_last=None, steps_in_epoch=0):
+    """:func:`capture` and, on rank 0, :func:`save_checkpoint` into ``output_dir/checkpoints``;
+    a failed write is an OutputWriteError naming the file. Returns the path (None off rank 0)."""
+    state = capture(trainer, steps_in_epoch)
+    if state is None:
+        return None
+    directory = checkpoint_dir(trainer.output_dir)
+    path = os.path.join(directory, checkpoint_name(state["epoch"], steps_in_epoch))
+    with reporting_write_errors(path):
+        return save_checkpoint(state, directory, keep_last)
+
+
+def last_checkpoint(output_dir):
+    """The file ``latest.pd`` leads to (``output_dir/checkpoints/epoch_N.pd``, not the link),
+    or None."""
+    link = latest_checkpoint(output_dir)
+    return os.path.join(os.path.dirname(link), os.path.basename(os.path.realpath(link))) \
+        if link else None
 
 
 def _check_model_keys(model, saved, path):
@@ -296,6 +344,7 @@ def restore(trainer, state, path):
     if state.get("amp_scaler"):
         trainer.amp.set_state_dict(state["amp_scaler"])
     trainer.start_epoch, trainer.iter = int(state["epoch"]), int(state["iter"])
+    trainer.start_step = int(state.get("steps_in_epoch", 0))
     saved_world = int(state["world_size"])
     if saved_world != trainer.world_size:
         if any(any(rank_state["hooks"].values()) for rank_state in state["per_rank"]):

@@ -3,7 +3,26 @@ import logging
 import os
 import sys
 
+from passl.io.write_errors import write_failure
+
 LOGGER_NAME = "passl"
+
+
+class LogFileHandler(logging.FileHandler):
+    """A log file that, when it cannot be written (a full disk), says so once in one line
+    instead of printing logging's traceback for every record; the run goes on (a checkpoint
+    or metrics write that fails too stops it)."""
+
+    reported = False
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+        elif not self.reported:
+            self.reported = True
+            print(f"warning: {write_failure(self.baseFilename, error)}; its log lines are lost",
+                  file=sys.stderr)
 
 
 def setup_logger(output_dir=None, rank=0, filename="train.log"):
@@ -26,7 +45,7 @@ def setup_logger(output_dir=None, rank=0, filename="train.log"):
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         name = filename if rank == 0 else filename.replace(".log", f".rank{rank}.log")
-        file_handler = logging.FileHandler(os.path.join(output_dir, name))
+        file_handler = LogFileHandler(os.path.join(output_dir, name))
         file_handler.setFormatter(fmt)
         logger.addHandler(file_handler)
     return logger

@@ -1,6 +1,5 @@
 """Stops a diverged run early and warns about SwAV's usual silent failure."""
 import math
-import os
 
 import paddle
 
@@ -65,8 +64,7 @@ class HealthHook(Hook):
         self._watch_collapse(trainer, loss)
 
     def _stop(self, trainer, loss):
-        last_good = checkpoint.latest_checkpoint(trainer.output_dir)
-        last_good = os.path.realpath(last_good) if last_good else None  # epoch_N.pd, not latest.pd
+        last_good = checkpoint.last_checkpoint(trainer.output_dir)
         kept = f"last good checkpoint kept: {last_good}" if last_good else \
             "no checkpoint was written yet"
         trainer.metrics.write({"type": "event", "event": "non_finite_loss",
