@@ -12,16 +12,17 @@ import sys
 import paddle
 import pytest
 
-from passl.config import load_config
+from passl.config import load_config, save_config
 from passl.data.loader import ResumableBatchSampler, set_loader_epoch, worker_death
 from passl.engine import checkpoint
 from passl.engine.continuation import how_to_continue, training_command
 from passl.engine.metrics_log import MetricsLog, read_metrics
 from passl.engine.trainer import Trainer
-from passl.io import write_errors
-from passl.io.write_errors import OutputWriteError
+from passl.io import safe_write
+from passl.io.safe_write import OutputWriteError
 from passl.models.weights import extract_weights
-from passl.preemption import STOP_SIGNALS, STOPPED_STATUS, TrainingStopped
+from passl.preemption import (STOP_SIGNALS, STOPPED_STATUS, TrainingStopped,
+                              interrupt_on_stop_signals)
 from passl.utils.logger import LogFileHandler
 from test_checkpoint import assert_same_run
 from test_multiprocess_train import assert_same_two_process_swav_run, launch, tiny_swav_config
@@ -119,6 +120,12 @@ def test_first_ctrl_c_stops_with_a_checkpoint_after_the_step(tmp_path, keep_sign
     assert summary[-1]["completed"] is False and summary[-1]["iter"] == 2
 
 
+def test_before_training_sigterm_interrupts_at_once(keep_signal_handlers):
+    interrupt_on_stop_signals()  # tools/train.py, once Paddle is loaded
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler right after the call
+
+
 def test_second_ctrl_c_aborts_at_once_and_names_the_last_checkpoint(tmp_path):
     cfg_path, _ = toy_run(tmp_path, "run", hooks=[signal_hook(1, 1, "SIGINT", times=2)])
     result = run_cli(cfg_path)
@@ -184,7 +191,7 @@ def failing_writes(monkeypatch):
     def half_then_enospc(fd, data):
         os.write(fd, data[:len(data) // 2])
         raise OSError(errno.ENOSPC, ENOSPC)
-    monkeypatch.setattr(write_errors, "_write_all", half_then_enospc)
+    monkeypatch.setattr(safe_write, "_write_all", half_then_enospc)
 
 
 def test_metrics_log_on_a_full_disk_leaves_no_torn_line_and_stops_writing(tmp_path, monkeypatch):
@@ -197,6 +204,19 @@ def test_metrics_log_on_a_full_disk_leaves_no_torn_line_and_stops_writing(tmp_pa
         log.write({"type": "train", "iter": 2, "loss": 1.25})
     log.write({"type": "summary", "iter": 2})  # the end-of-run record is skipped, not raised
     assert open(path).read() == before
+
+
+def test_config_yaml_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "config.yaml")
+    save_config({"epochs": 3}, path)
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, ENOSPC)
+    monkeypatch.setattr(safe_write.os, "replace", full_disk)
+    with pytest.raises(OutputWriteError, match=f"^cannot write {re.escape(path)}: {ENOSPC} "):
+        save_config({"epochs": 5}, path)
+    monkeypatch.undo()
+    assert load_config(path)["epochs"] == 3 and os.listdir(tmp_path) == ["config.yaml"]
 
 
 def test_extracted_weights_on_a_full_disk_leave_no_file(tmp_path, monkeypatch):

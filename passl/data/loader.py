@@ -159,7 +159,8 @@ class _WorkerUserErrors:
 
     @classmethod
     def install(cls):
-        if threading.excepthook is not cls.hook:
+        # compare functions: every cls.hook access is a new bound method
+        if getattr(threading.excepthook, "__func__", None) is not cls.hook.__func__:
             cls.previous_hook, threading.excepthook = threading.excepthook, cls.hook
 
     @classmethod
@@ -213,7 +214,8 @@ class PasslDataLoader(DataLoader):
         # wherever it is: inside a logging call (which swallows it and prints a traceback) or
         # a checkpoint write. Its prefetch thread notices the death as well (within 5 s), and
         # then the next batch fails where _WorkerUserErrors reports it.
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if threading.current_thread() is threading.main_thread():  # where signals can be set
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         return _WorkerUserErrors(iterator)
 
     def _read_in_this_thread(self):

@@ -39,7 +39,7 @@ import paddle
 
 from passl import distributed
 from passl.errors import UserError
-from passl.io.write_errors import reporting_write_errors
+from passl.io.safe_write import reporting_write_errors
 
 KIND = "passl-training-checkpoint"
 VERSION = 1

@@ -12,7 +12,7 @@ Record types (the ``type`` key):
 
 Only rank 0 writes. Each line is flushed when written, so the file is readable during the run
 and complete up to the last record after a crash. A line that cannot be written (a full disk)
-is cut off again and raises :class:`~passl.io.write_errors.OutputWriteError`, which stops the
+is cut off again and raises :class:`~passl.io.safe_write.OutputWriteError`, which stops the
 run; later records of that run are dropped (the end-of-run summary among them).
 """
 import json
@@ -22,7 +22,7 @@ import os
 import numpy as np
 import paddle
 
-from passl.io.write_errors import OutputWriteError, append_text, reporting_write_errors
+from passl.io.safe_write import OutputWriteError, append_text, write_text_atomic
 
 
 def _plain(value):
@@ -78,14 +78,7 @@ class MetricsLog:
             return
         kept = [r for r in read_metrics(self.path)
                 if r.get("type") != "summary" and r.get("iter", 0) <= iteration]
-        tmp = self.path + ".tmp"
-        try:
-            with reporting_write_errors(self.path), open(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(path, record_type=None):

@@ -13,7 +13,7 @@ import numpy as np
 
 from passl.engine.checkpoint import KIND as CHECKPOINT_KIND, load_saved_file, write_atomic
 from passl.errors import UserError
-from passl.io.write_errors import reporting_write_errors
+from passl.io.safe_write import reporting_write_errors
 from passl.utils.logger import get_logger
 
 WEIGHTS_SUFFIX = ".pdparams"

@@ -3,7 +3,7 @@ import logging
 import os
 import sys
 
-from passl.io.write_errors import write_failure
+from passl.io.safe_write import write_failure
 
 LOGGER_NAME = "passl"
 

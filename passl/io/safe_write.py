@@ -1,5 +1,5 @@
-"""One-line errors for output files that cannot be written: a full disk, a quota, a
-read-only mount. The message names the file, the reason and the free space left there."""
+"""Output files written whole or not at all, and one-line errors when they cannot be written
+(a full disk, a quota, a read-only mount) naming the file, the reason and the free space."""
 import contextlib
 import os
 import shutil
@@ -67,3 +67,18 @@ def append_text(path, text):
             raise write_failure(path, error) from None
     finally:
         os.close(fd)
+
+
+def write_text_atomic(path, text):
+    """Replace ``path`` by ``text`` through a temporary file and a rename: a failure (an
+    OutputWriteError) leaves the previous ``path`` as it was and no temporary file."""
+    tmp = path + ".tmp"
+    try:
+        with reporting_write_errors(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
