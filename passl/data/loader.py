@@ -27,8 +27,8 @@ from paddle.io import BatchSampler, DataLoader, DistributedBatchSampler, Sampler
 
 from passl import distributed
 from passl.data.registry import DATASETS
-from passl.preemption import ignore_stop_signals
 from passl.errors import ConfigError, ResumableError, UserError
+from passl.preemption import ignore_stop_signals
 from passl.registry import check_keys, key_path_of, source_of
 
 MODES = ("train", "val")
