@@ -127,7 +127,11 @@ def test_before_training_sigterm_interrupts_at_once(keep_signal_handlers):
 
 
 def test_second_ctrl_c_aborts_at_once_and_names_the_last_checkpoint(tmp_path):
-    cfg_path, _ = toy_run(tmp_path, "run", hooks=[signal_hook(1, 1, "SIGINT", times=2)])
+    cfg_path, cfg = toy_run(tmp_path, "run", hooks=[signal_hook(1, 1, "SIGINT", times=2)])
+    # a loader worker is running when the run aborts: it ignores SIGTERM, and the process
+    # must still exit (it closes its loaders at exit) instead of waiting for it forever
+    cfg["dataloader"]["train"]["loader"] = {"num_workers": 1}
+    write_config(cfg, cfg_path)
     result = run_cli(cfg_path)
     out = str(tmp_path / "run")
     assert result.returncode == 130

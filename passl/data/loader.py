@@ -15,10 +15,13 @@ the dataset's augmentations for that epoch, and, for a run resumed mid-epoch, sk
 batches already trained on. Workers are not persistent, so each epoch's workers start from
 the dataset as it is when iteration begins.
 """
+import atexit
 import itertools
+import multiprocessing.util  # noqa: F401  (registers its exit function before close_all's)
 import queue
 import signal
 import threading
+import weakref
 
 import cv2
 import numpy as np
@@ -74,7 +77,8 @@ def single_threaded_opencv(worker_id=None):
 
 def init_worker(worker_id):
     """Set-up of each loader worker process: one OpenCV thread, and no stop signals (the
-    training process stops its workers itself, after the step in progress)."""
+    training process finishes its step, then stops its workers itself: see
+    :meth:`_WorkerUserErrors.close`)."""
     single_threaded_opencv()
     ignore_stop_signals()
 
@@ -151,11 +155,18 @@ class _WorkerUserErrors:
     place of the SystemError, so the user sees the one line naming the file. A worker
     that died (SIGKILL from the out-of-memory killer) ends in the same SystemError: that
     becomes :class:`DataWorkerDied` (:func:`worker_death`).
+
+    Workers ignore SIGTERM (:func:`init_worker`), and SIGTERM is how multiprocessing stops
+    the workers still running when the process exits (then waits for them): every Paddle
+    iterator still open at exit (its prefetch thread keeps it alive) is closed first
+    (:meth:`close_all`, an ``atexit`` function).
     """
 
     WAIT_SECONDS = 2.0  # the prefetch thread raises right after killing the queue
+    CLOSE_SECONDS = 5.0  # for the workers to stop before they are killed
     errors = queue.SimpleQueue()
     previous_hook = None
+    open_iterators = weakref.WeakSet()
 
     @classmethod
     def install(cls):
@@ -175,6 +186,21 @@ class _WorkerUserErrors:
         self.iterator = iterator
         while not self.errors.empty():  # left over from an earlier loader
             self.errors.get_nowait()
+        self.open_iterators.add(iterator)
+
+    @classmethod
+    def close(cls, iterator):
+        """Stop the workers of a Paddle ``iterator`` with Paddle's own shutdown; SIGKILL
+        those still alive after CLOSE_SECONDS."""
+        getattr(iterator, "_try_shutdown_all", lambda timeout: None)(cls.CLOSE_SECONDS)
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+
+    @classmethod
+    def close_all(cls):
+        for iterator in list(cls.open_iterators):
+            cls.close(iterator)
 
     def __iter__(self):
         return self
@@ -193,9 +219,12 @@ class _WorkerUserErrors:
                 error = self.errors.get(timeout=self.WAIT_SECONDS)
             except queue.Empty:
                 raise system_error from None
-            # Stop the workers now (Paddle's own shutdown), not by SIGTERM at exit.
-            getattr(self.iterator, "_try_shutdown_all", lambda: None)()
+            self.close(self.iterator)  # now, not at exit
             raise error from None
+
+
+# registered after multiprocessing's own exit function (imported above), so it runs first
+atexit.register(_WorkerUserErrors.close_all)
 
 
 class PasslDataLoader(DataLoader):
