@@ -71,28 +71,29 @@ def toy_run(tmp_path, name, hooks=(), **kwargs):
 
 
 def test_sigterm_mid_epoch_saves_and_resume_auto_matches_the_uninterrupted_run(tmp_path):
-    whole_cfg, _ = toy_run(tmp_path, "whole")
+    # records every 3 steps (and at each epoch's end): the stop cuts one logging interval
+    whole_cfg, _ = toy_run(tmp_path, "whole", log_interval=3)
     Trainer(load_config(whole_cfg)).train()
-    # SIGTERM arrives before step 3 of epoch 2: that step finishes, then the run stops
-    cfg_path, _ = toy_run(tmp_path, "stopped", hooks=[signal_hook(1, 2, "SIGTERM")])
+    # SIGTERM arrives before step 2 of epoch 2: that step finishes, then the run stops
+    cfg_path, _ = toy_run(tmp_path, "stopped", log_interval=3,
+                          hooks=[signal_hook(1, 1, "SIGTERM")])
     first = run_cli(cfg_path)
     out = str(tmp_path / "stopped")
-    saved = os.path.join(out, "checkpoints", "epoch_2_step_3.pd")
+    saved = os.path.join(out, "checkpoints", "epoch_2_step_2.pd")
     assert first.returncode == STOPPED_STATUS, first.stderr[-2000:]
     assert "Traceback" not in first.stderr
-    assert last_line(first.stderr) == (f"stopped by SIGTERM after iteration 7; checkpoint {saved}; "
+    assert last_line(first.stderr) == (f"stopped by SIGTERM after iteration 6; checkpoint {saved}; "
                                        f"continue with: python {TRAIN} -c {cfg_path} --resume auto")
-    assert checkpoints_in(out) == ["epoch_1.pd", "epoch_2_step_3.pd", "latest.pd"]
-    assert os.readlink(os.path.join(out, "checkpoints", "latest.pd")) == "epoch_2_step_3.pd"
+    assert checkpoints_in(out) == ["epoch_1.pd", "epoch_2_step_2.pd", "latest.pd"]
+    assert os.readlink(os.path.join(out, "checkpoints", "latest.pd")) == "epoch_2_step_2.pd"
     state = checkpoint.load_checkpoint(saved)
-    assert (state["epoch"], state["steps_in_epoch"], state["iter"]) == (1, 3, 7)
-    assert [r["iter"] for r in read_metrics(os.path.join(out, "metrics.jsonl"), "train")] == \
-        list(range(1, 8))
+    assert (state["epoch"], state["steps_in_epoch"], state["iter"]) == (1, 2, 6)
+    assert [r["iter"] for r in read_metrics(os.path.join(out, "metrics.jsonl"), "train")] == [3, 4]
 
     resumed = Trainer(load_config(cfg_path), resume="auto")
-    assert (resumed.start_epoch, resumed.start_step, resumed.iter) == (1, 3, 7)
+    assert (resumed.start_epoch, resumed.start_step, resumed.iter) == (1, 2, 6)
     resumed.train()
-    assert_same_run(str(tmp_path / "whole"), out)
+    assert_same_run(str(tmp_path / "whole"), out)  # the record at iter 7 averages 5, 6, 7
     # the mid-epoch file gave way to the next epoch's checkpoint
     assert checkpoints_in(out) == ["epoch_1.pd", "epoch_2.pd", "epoch_3.pd", "latest.pd"]
 
@@ -155,6 +156,22 @@ def test_continuation_text_and_resume_command(tmp_path, monkeypatch):
     assert training_command(["tools/train.py", "-c", "a.yaml"]) == \
         "python -m paddle.distributed.launch --nproc_per_node 2 tools/train.py -c a.yaml " \
         "--resume auto"
+
+
+def test_mid_epoch_files_are_named_by_position_and_pruned_by_later_checkpoints(tmp_path):
+    def state(epoch, steps):
+        return {"kind": checkpoint.KIND, "epoch": epoch, "steps_in_epoch": steps}
+    directory = str(tmp_path)
+    checkpoint.save_checkpoint(state(4, 2), directory)  # left by an earlier, longer run
+    assert checkpoint.save_checkpoint(state(1, 3), directory) == \
+        os.path.join(directory, "epoch_2_step_3.pd")  # 3 steps into the 2nd epoch
+    checkpoint.save_checkpoint(state(1, 5), directory)
+    assert sorted(os.listdir(directory)) == ["epoch_2_step_5.pd", "epoch_5_step_2.pd",
+                                             "latest.pd"]
+    checkpoint.save_checkpoint(state(2, 0), directory, keep_last=1)
+    assert sorted(os.listdir(directory)) == ["epoch_2.pd", "epoch_5_step_2.pd", "latest.pd"]
+    assert checkpoint.last_checkpoint(str(tmp_path.parent)) is None  # no checkpoints/ there
+    assert os.readlink(tmp_path / "latest.pd") == "epoch_2.pd"
 
 
 def test_skipping_batches_gives_the_rest_of_the_epochs_order():
