@@ -198,7 +198,8 @@ def test_full_disk_at_a_checkpoint_stops_with_one_line_and_keeps_the_last_one(tm
     assert "Traceback" not in result.stderr
     line = last_line(result.stderr)
     assert re.fullmatch(
-        re.escape(f"error: cannot write {out}/checkpoints/epoch_2.pd: {ENOSPC} (") + r"[\d.]+ [KMG]?B"
+        re.escape(f"error: cannot write {out}/checkpoints/epoch_2.pd: {ENOSPC} (")
+        + r"[\d.]+ [KMG]?B"
         + re.escape(f" free on its file system); last checkpoint {out}/checkpoints/epoch_1.pd; "
                     f"continue with: python {TRAIN} -c {cfg_path} --resume auto"), line), line
     assert checkpoints_in(out) == ["epoch_1.pd", "latest.pd"]  # no partial file, no .tmp

@@ -98,7 +98,8 @@ def test_two_process_swav_killed_and_resumed_matches_uninterrupted(tmp_path):
 
 def assert_same_two_process_swav_run(reference_dir, resumed_dir):
     """Same final weights and per-rank queues (bit-exact), same 18 losses (<= 1e-6)."""
-    final = [paddle.load(str(d / "checkpoints" / "epoch_3.pd")) for d in (reference_dir, resumed_dir)]
+    final = [paddle.load(str(d / "checkpoints" / "epoch_3.pd"))
+             for d in (reference_dir, resumed_dir)]
     for name, tensor in final[0]["model"].items():
         np.testing.assert_array_equal(final[1]["model"][name].numpy(), tensor.numpy(), err_msg=name)
     for rank in (0, 1):

@@ -152,7 +152,8 @@ def write_config(cfg, path):
 
 @HOOKS.register("ToyEngineKillWorker")
 class ToyEngineKillWorker(Hook):
-    """SIGKILLs the data-loader workers (as the out-of-memory killer does) at (epoch, inner_iter)."""
+    """SIGKILLs the data-loader workers (as the out-of-memory killer does) at
+    (epoch, inner_iter)."""
 
     def __init__(self, epoch, inner_iter):
         self.at = (epoch, inner_iter)

@@ -2,10 +2,11 @@
 
 Layout: ``output_dir/checkpoints/epoch_N.pd`` (N = epochs completed) and
 ``checkpoints/latest.pd``, a relative symlink to the newest complete one (a hard link where
-the file system has no symlinks). A run stopped by a signal (:mod:`passl.preemption`)
-writes ``epoch_E_step_S.pd``: S optimizer steps into epoch E, both counted as the log lines
-count them (1-based epoch, steps done); it is removed once a later checkpoint is written. Opening ``latest.pd`` therefore opens a checkpoint, so any
-tool that reads checkpoints (``tools/extract_weight.py``) accepts it as is.
+the file system has no symlinks). Opening ``latest.pd`` therefore opens a checkpoint, so any
+tool that reads checkpoints (``tools/extract_weight.py``) accepts it as is. A run stopped by
+a signal (:mod:`passl.preemption`) writes ``epoch_E_step_S.pd``: S optimizer steps into
+epoch E, both counted as the log lines count them (1-based epoch, steps done); it is removed
+once a later checkpoint is written.
 
 Crash safety: a checkpoint is written to ``epoch_N.pd.tmp``, flushed to disk and renamed
 (``os.replace`` is atomic); only then is ``latest.pd`` swapped, again by renaming a freshly
@@ -136,7 +137,9 @@ def _point_latest(directory, target_name):
 def checkpoint_name(epoch, steps_in_epoch=0):
     """File name of the checkpoint at a position (``epoch`` epochs and ``steps_in_epoch``
     steps of the next one done), see the module doc."""
-    return f"epoch_{epoch + 1}_step_{steps_in_epoch}.pd" if steps_in_epoch else f"epoch_{epoch}.pd"
+    if steps_in_epoch:
+        return f"epoch_{epoch + 1}_step_{steps_in_epoch}.pd"
+    return f"epoch_{epoch}.pd"
 
 
 def mid_epoch_checkpoints(directory):
