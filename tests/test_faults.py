@@ -107,12 +107,14 @@ def keep_signal_handlers():
         signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
-def test_first_ctrl_c_stops_with_a_checkpoint_after_the_step(tmp_path, keep_signal_handlers):
-    cfg_path, _ = toy_run(tmp_path, "run", hooks=[signal_hook(0, 1, "SIGINT")])
+@pytest.mark.parametrize("name", ["SIGINT", "SIGUSR1"])  # a first Ctrl-C; SLURM's --signal
+def test_first_ctrl_c_or_sigusr1_stops_with_a_checkpoint_after_the_step(tmp_path, name,
+                                                                         keep_signal_handlers):
+    cfg_path, _ = toy_run(tmp_path, "run", hooks=[signal_hook(0, 1, name)])
     trainer = Trainer(load_config(cfg_path))
     with pytest.raises(TrainingStopped) as stopped:
         trainer.train()
-    assert (stopped.value.signal_name, stopped.value.iteration) == ("SIGINT", 2)
+    assert (stopped.value.signal_name, stopped.value.iteration) == (name, 2)
     assert stopped.value.checkpoint == os.path.join(trainer.output_dir, "checkpoints",
                                                     "epoch_1_step_2.pd")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
