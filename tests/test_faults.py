@@ -45,7 +45,7 @@ def last_line(stderr):
 
 
 def error_line(stderr):
-    """The one ``error:`` line (Paddle's loader thread may log its own warning after it)."""
+    """The one ``error:`` line of ``stderr`` (a worker log, where more may follow)."""
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, stderr[-2000:]
     return lines[0]
@@ -293,7 +293,7 @@ def test_killed_data_worker_is_one_line_with_the_cause_and_the_resume_command(tm
         f") was killed by SIGKILL; usually the out-of-memory killer: lower "
         f"dataloader.train.loader.num_workers or dataloader.train.sampler.batch_size; last "
         f"checkpoint {out}/checkpoints/epoch_1.pd; continue with: python {TRAIN} -c {cfg_path} "
-        f"--resume auto"), error_line(result.stderr)), result.stderr[-2000:]
+        f"--resume auto"), last_line(result.stderr)), result.stderr[-2000:]
     assert checkpoint.load_checkpoint(os.path.join(out, "checkpoints", "latest.pd"))["epoch"] == 1
 
 
@@ -322,6 +322,22 @@ def test_a_dead_rank_stops_the_others_within_a_bounded_time(tmp_path):
                      result.stdout + result.stderr)
     assert checkpoint.load_checkpoint(
         os.path.join(tmp_path, "run", "checkpoints", "latest.pd"))["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_full_disk_with_two_processes_stops_both_with_one_line_each(tmp_path):
+    cfg_path, _ = toy_run(tmp_path, "run", batch_size=4,
+                          hooks=[{"name": "ToyEngineDiskFull", "epoch": 1}])
+    result = launch(tmp_path, cfg_path, "log")
+    out = str(tmp_path / "run")
+    assert result.returncode == 2
+    logs = [open(tmp_path / "log" / f"workerlog.{rank}").read() for rank in (0, 1)]
+    assert all("Traceback" not in log for log in logs)
+    errors = [error_line(log) for log in logs]
+    assert errors[0].startswith(f"error: cannot write {out}/checkpoints/epoch_2.pd: {ENOSPC} (")
+    assert errors[1].startswith(f"error: process 0 could not write {out}/checkpoints/epoch_2.pd "
+                                f"(its log says why); last checkpoint {out}/checkpoints/epoch_1.pd;")
+    assert checkpoints_in(out) == ["epoch_1.pd", "latest.pd"]
 
 
 @pytest.mark.slow

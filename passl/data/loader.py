@@ -214,6 +214,10 @@ class _WorkerUserErrors:
         except SystemError as system_error:
             died = worker_death(getattr(self.iterator, "_workers", ()))
             if died is not None:
+                thread = getattr(self.iterator, "_thread", None)
+                if thread is not None:  # it logs Paddle's own warning first, then ends
+                    thread.join(self.WAIT_SECONDS)
+                self.close(self.iterator)
                 raise died from None
             try:
                 error = self.errors.get(timeout=self.WAIT_SECONDS)

@@ -40,7 +40,7 @@ import paddle
 
 from passl import distributed
 from passl.errors import UserError
-from passl.io.safe_write import reporting_write_errors
+from passl.io.safe_write import OutputWriteError, reporting_write_errors
 
 KIND = "passl-training-checkpoint"
 VERSION = 1
@@ -285,14 +285,26 @@ def capture(trainer, steps_in_epoch=0):
 
 def save_trainer_checkpoint(trainer, keep_last=None, steps_in_epoch=0):
     """:func:`capture` and, on rank 0, :func:`save_checkpoint` into ``output_dir/checkpoints``;
-    a failed write is an OutputWriteError naming the file. Returns the path (None off rank 0)."""
+    returns the path on every rank.
+
+    Collective: all ranks return only once rank 0's write is over, and when it failed (e.g. a
+    full disk) all raise an OutputWriteError naming the file, so they stop together.
+    """
     state = capture(trainer, steps_in_epoch)
-    if state is None:
-        return None
+    epoch = trainer.epoch + (0 if steps_in_epoch else 1)
     directory = checkpoint_dir(trainer.output_dir)
-    path = os.path.join(directory, checkpoint_name(state["epoch"], steps_in_epoch))
-    with reporting_write_errors(path):
-        return save_checkpoint(state, directory, keep_last)
+    path = os.path.join(directory, checkpoint_name(epoch, steps_in_epoch))
+    failure = None
+    if state is not None:
+        try:
+            with reporting_write_errors(path):
+                save_checkpoint(state, directory, keep_last)
+        except OutputWriteError as error:
+            failure = error
+    written = paddle.to_tensor([0 if failure else 1], dtype="int32")
+    if not int(distributed.all_reduce(written, op="min").numpy()[0]):
+        raise failure or OutputWriteError(f"process 0 could not write {path} (its log says why)")
+    return path
 
 
 def last_checkpoint(output_dir):

@@ -243,13 +243,8 @@ class Trainer:
         signum = self.stop_signals.agreed()  # collective
         if not signum:
             return
-        steps = self.inner_iter + 1
-        try:
-            checkpoint.save_trainer_checkpoint(self, steps_in_epoch=steps)
-        finally:  # leave together: the launcher stops every rank once one has exited
-            distributed.barrier()
-        path = os.path.join(checkpoint.checkpoint_dir(self.output_dir),
-                            checkpoint.checkpoint_name(self.epoch, steps))
+        # collective: the ranks leave together (the launcher stops all once one has exited)
+        path = checkpoint.save_trainer_checkpoint(self, steps_in_epoch=self.inner_iter + 1)
         if self.rank == 0:
             self.logger.info(f"checkpoint saved: {path}")
         raise TrainingStopped(signal.Signals(signum).name, path, self.iter)

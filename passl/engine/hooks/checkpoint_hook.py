@@ -37,7 +37,6 @@ class CheckpointHook(Hook):
         done = trainer.epoch + 1
         if done % self.save_interval and done != trainer.epochs:
             return
-        saved = checkpoint.save_trainer_checkpoint(trainer, self.keep_last)  # collective
-        if saved is not None:
-            self.last_saved = saved
+        self.last_saved = checkpoint.save_trainer_checkpoint(trainer, self.keep_last)  # collective
+        if trainer.rank == 0:
             trainer.logger.info(f"checkpoint saved: {self.last_saved}")
