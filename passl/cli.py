@@ -102,7 +102,9 @@ def run_cli(main, argv=None):
         message = " ".join(str(e).split("\n"))
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # a tool may say in the interrupt what survives (tools/train.py: the last checkpoint)
+        print(f"error: interrupted{'; ' + str(interrupt) if str(interrupt) else ''}",
+              file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

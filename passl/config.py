@@ -24,6 +24,7 @@ import os
 import yaml
 
 from passl.errors import ConfigError
+from passl.io.safe_write import write_text_atomic
 from passl.registry import did_you_mean
 
 #: Top-level keys a config may have, and what reads them.
@@ -245,7 +246,6 @@ def load_config(path, overrides=()):
 
 
 def save_config(cfg, path):
-    """Write the resolved config as YAML (what the run really used)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        yaml.safe_dump(to_plain(cfg), f, sort_keys=False, default_flow_style=None)
+    """Write the resolved config as YAML (what the run really used), whole or not at all."""
+    write_text_atomic(path, yaml.safe_dump(to_plain(cfg), sort_keys=False,
+                                           default_flow_style=None))

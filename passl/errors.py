@@ -12,3 +12,8 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A bad config file, key, value or override."""
+
+
+class ResumableError(UserError):
+    """The run's surroundings stopped it (a full disk, a killed process); once the cause is
+    fixed it continues from its last checkpoint, and ``tools/train.py`` says how."""

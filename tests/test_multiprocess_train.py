@@ -93,15 +93,20 @@ def test_two_process_swav_killed_and_resumed_matches_uninterrupted(tmp_path):
     resumed = launch(tmp_path, killed, "log_resumed", "--resume", "auto")
     assert resumed.returncode == 0, open(tmp_path / "log_resumed" / "workerlog.0").read()[-2000:]
 
-    final = [paddle.load(str(tmp_path / run / "checkpoints" / "epoch_3.pd"))
-             for run in ("whole", "killed")]
+    assert_same_two_process_swav_run(tmp_path / "whole", tmp_path / "killed")
+
+
+def assert_same_two_process_swav_run(reference_dir, resumed_dir):
+    """Same final weights and per-rank queues (bit-exact), same 18 losses (<= 1e-6)."""
+    final = [paddle.load(str(d / "checkpoints" / "epoch_3.pd"))
+             for d in (reference_dir, resumed_dir)]
     for name, tensor in final[0]["model"].items():
         np.testing.assert_array_equal(final[1]["model"][name].numpy(), tensor.numpy(), err_msg=name)
     for rank in (0, 1):
         queues = [f["per_rank"][rank]["hooks"]["SwAVHook"]["queue"]["embeddings"] for f in final]
         assert queues[0].any()
         np.testing.assert_array_equal(queues[1], queues[0])
-    losses = [[r["loss"] for r in read_metrics(str(tmp_path / d / "metrics.jsonl"), "train")]
-              for d in ("whole", "killed")]
+    losses = [[r["loss"] for r in read_metrics(str(d / "metrics.jsonl"), "train")]
+              for d in (reference_dir, resumed_dir)]
     assert len(losses[0]) == 18
     np.testing.assert_allclose(losses[1], losses[0], atol=1e-6)

@@ -5,8 +5,10 @@ samples get NumPy noise at load time (so exact resuming needs the RNG state), an
 hook, and hooks that inject failures. Subprocess tests run ``tests/toy_train_cli.py``, which
 imports this module and then runs ``tools/train.py``.
 """
+import errno
+import multiprocessing
 import os
-import signal
+import signal as signal_module
 
 import numpy as np
 import paddle
@@ -14,6 +16,7 @@ import paddle.nn as nn
 import yaml
 
 from passl.data import DATASETS
+from passl.engine import checkpoint
 from passl.engine.hooks import HOOKS, Hook
 from passl.evaluation.classification import evaluate as classification_evaluate
 from passl.models import MODELS
@@ -83,18 +86,20 @@ class ToyEngineAccuracy(Hook):
 
 @HOOKS.register("ToyEngineKill")
 class ToyEngineKill(Hook):
-    """SIGKILLs its own process at (epoch, inner_iter) of a run that did not resume
-    (only on ``rank`` when given)."""
+    """Sends ``signal`` (default SIGKILL) ``times`` times to its own process at
+    (epoch, inner_iter) of a run that did not resume; only on process ``rank`` when given."""
 
-    def __init__(self, epoch, inner_iter, rank=None):
+    def __init__(self, epoch, inner_iter, rank=None, signal="SIGKILL", times=1):
         self.at = (epoch, inner_iter)
         self.rank = rank
+        self.signal = getattr(signal_module, signal)
+        self.times = times
 
     def before_iter(self, trainer):
-        if self.rank not in (None, trainer.rank):
-            return
-        if trainer.start_epoch == 0 and (trainer.epoch, trainer.inner_iter) == self.at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.start_epoch == 0 and (trainer.epoch, trainer.inner_iter) == self.at \
+                and self.rank in (None, trainer.rank):
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signal)
 
 
 @HOOKS.register("ToyEngineNaN")
@@ -169,3 +174,37 @@ def write_config(cfg, path):
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return str(path)
+
+
+@HOOKS.register("ToyEngineKillWorker")
+class ToyEngineKillWorker(Hook):
+    """SIGKILLs the data-loader workers (as the out-of-memory killer does) at
+    (epoch, inner_iter)."""
+
+    def __init__(self, epoch, inner_iter):
+        self.at = (epoch, inner_iter)
+
+    def before_iter(self, trainer):
+        if (trainer.epoch, trainer.inner_iter) == self.at:
+            for worker in multiprocessing.active_children():
+                os.kill(worker.pid, signal_module.SIGKILL)
+
+
+def fill_disk(path, partial=b"half a file"):
+    """A ``paddle.save`` stand-in for a full disk: writes the start of the file, then raises
+    ENOSPC as the real call does when the device fills up."""
+    with open(path, "wb") as f:
+        f.write(partial)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@HOOKS.register("ToyEngineDiskFull")
+class ToyEngineDiskFull(Hook):
+    """From epoch ``epoch`` (0-based) on, every checkpoint write fails with ENOSPC."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def before_epoch(self, trainer):
+        if trainer.epoch == self.epoch:
+            checkpoint.paddle.save = lambda obj, path, *args, **kwargs: fill_disk(path)

@@ -69,16 +69,39 @@ def check_flags(args):
 def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
-    cfg = load_run_config(args)
+    cfg = load_run_config(args)  # loads Paddle, so the signal handlers below replace its own
+    from passl.engine.continuation import how_to_continue
     from passl.engine.trainer import Trainer
-    trainer = Trainer(cfg, resume=args.resume, pretrained=args.pretrained, load=args.load,
-                      pretrained_strict=not args.pretrained_nonstrict,
-                      evaluate_only=args.evaluate_only, archive_old_run=args.archive_old_run,
-                      trust_file=args.trust_file)
-    if args.evaluate_only:
-        trainer.evaluate()
-    else:
+    from passl.preemption import interrupt_on_stop_signals
+    interrupt_on_stop_signals()
+    try:
+        trainer = Trainer(cfg, resume=args.resume, pretrained=args.pretrained, load=args.load,
+                          pretrained_strict=not args.pretrained_nonstrict,
+                          evaluate_only=args.evaluate_only,
+                          archive_old_run=args.archive_old_run, trust_file=args.trust_file)
+        if args.evaluate_only:
+            trainer.evaluate()
+            return 0
+        return train_until_stopped(trainer)
+    except KeyboardInterrupt:  # a second Ctrl-C: say what survives (run_cli prints it)
+        if args.evaluate_only:
+            raise
+        raise KeyboardInterrupt(how_to_continue(cfg.get("output_dir") or "output")) from None
+
+
+def train_until_stopped(trainer):
+    """``trainer.train()``; a run stopped by a signal (exit status ``STOPPED_STATUS``) or by its
+    surroundings (a full disk, a killed data worker) ends with one line saying how to continue."""
+    from passl.engine.continuation import how_to_continue, training_command
+    from passl.errors import ResumableError
+    from passl.preemption import STOPPED_STATUS, TrainingStopped
+    try:
         trainer.train()
+    except TrainingStopped as stopped:
+        print(f"{stopped}; continue with: {training_command()}", file=sys.stderr)
+        return STOPPED_STATUS
+    except ResumableError as error:
+        raise UserError(f"{error}; {how_to_continue(trainer.output_dir)}") from None
     return 0
 
 

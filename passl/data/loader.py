@@ -11,11 +11,17 @@ multi-crop datasets, a list with one such Tensor per crop (crops of equal size
 consecutive); ``labels`` int64 ``[B]`` (-1 when unlabelled).
 
 Before each epoch call :func:`set_loader_epoch`: it reshuffles the sampler and selects
-the dataset's augmentations for that epoch. Workers are not persistent, so each
-epoch's workers start from the dataset as it is when iteration begins.
+the dataset's augmentations for that epoch, and, for a run resumed mid-epoch, skips the
+batches already trained on. Workers are not persistent, so each epoch's workers start from
+the dataset as it is when iteration begins.
 """
+import atexit
+import itertools
+import multiprocessing.util  # noqa: F401  (registers its exit function before close_all's)
 import queue
+import signal
 import threading
+import weakref
 
 import cv2
 import numpy as np
@@ -24,7 +30,8 @@ from paddle.io import BatchSampler, DataLoader, DistributedBatchSampler, Sampler
 
 from passl import distributed
 from passl.data.registry import DATASETS
-from passl.errors import ConfigError, UserError
+from passl.errors import ConfigError, ResumableError, UserError
+from passl.preemption import ignore_stop_signals
 from passl.registry import check_keys, key_path_of, source_of
 
 MODES = ("train", "val")
@@ -68,6 +75,14 @@ def single_threaded_opencv(worker_id=None):
     cv2.setNumThreads(1)
 
 
+def init_worker(worker_id):
+    """Set-up of each loader worker process: one OpenCV thread, and no stop signals (the
+    training process finishes its step, then stops its workers itself: see
+    :meth:`_WorkerUserErrors.close`)."""
+    single_threaded_opencv()
+    ignore_stop_signals()
+
+
 class RankShard(Sampler):
     """This rank's share of the dataset in order (indices rank, rank + world, ...).
 
@@ -87,35 +102,79 @@ class RankShard(Sampler):
         return len(range(self.rank, self.size, self.world_size))
 
 
+class ResumableBatchSampler(DistributedBatchSampler):
+    """DistributedBatchSampler that can start an epoch after its first ``skip`` batches.
+
+    The batches are those of the full epoch (the permutation depends only on the epoch), so
+    a run resumed mid-epoch sees exactly the batches the uninterrupted run saw next; the
+    skipped ones are never sent to the dataset, so their images are not loaded. ``len()``
+    stays the full epoch's. The skip applies to the next iteration only.
+    """
+
+    skip = 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
 def build_batch_sampler(dataset, mode, batch_size, shuffle, drop_last):
-    """Training: DistributedBatchSampler (a new permutation per epoch, the same on every
-    rank), or the dataset's own ``batch_sampler`` when it has one (TarShards).
+    """Training: :class:`ResumableBatchSampler` (a new permutation per epoch, the same on
+    every rank), or the dataset's own ``batch_sampler`` when it has one (TarShards).
     Ordered evaluation: :class:`RankShard` batches, without padding."""
     if mode == "val" and not shuffle:
         return BatchSampler(sampler=RankShard(dataset), batch_size=batch_size, drop_last=drop_last)
     if hasattr(dataset, "batch_sampler"):  # a dataset with its own reading order (TarShards)
         return dataset.batch_sampler(batch_size, shuffle, drop_last)
-    return DistributedBatchSampler(dataset, batch_size=batch_size, shuffle=shuffle,
-                                   drop_last=drop_last)
+    return ResumableBatchSampler(dataset, batch_size=batch_size, shuffle=shuffle,
+                                 drop_last=drop_last)
+
+
+class DataWorkerDied(ResumableError):
+    """A loader worker process died (usually killed by the out-of-memory killer)."""
+
+
+def worker_death(workers):
+    """The :class:`DataWorkerDied` naming the first of ``workers`` (a Paddle iterator's
+    worker processes) killed by a signal, or None when none was."""
+    for index, worker in enumerate(workers):
+        if worker.exitcode is not None and worker.exitcode < 0:
+            return DataWorkerDied(
+                f"data-loader worker {index} (pid {worker.pid}) was killed by "
+                f"{signal.Signals(-worker.exitcode).name}; usually the out-of-memory killer: "
+                f"lower dataloader.train.loader.num_workers or "
+                f"dataloader.train.sampler.batch_size")
+    return None
 
 
 class _WorkerUserErrors:
-    """Brings a loader worker's UserError (e.g. a corrupt image) back to the main thread.
+    """Brings a loader worker's UserError (e.g. a corrupt image) or death back to the main
+    thread as one clear error.
 
     Paddle re-raises a worker's exception in its prefetch thread, where Python only
     prints it, and the main thread then fails with "SystemError: Blocking queue is
     killed". A ``threading.excepthook`` keeps UserErrors from that thread (chaining to
     the previous hook for anything else), and the iterator raises the kept error in
-    place of the SystemError, so the user sees the one line naming the file.
+    place of the SystemError, so the user sees the one line naming the file. A worker
+    that died (SIGKILL from the out-of-memory killer) ends in the same SystemError: that
+    becomes :class:`DataWorkerDied` (:func:`worker_death`).
+
+    Workers ignore SIGTERM (:func:`init_worker`), and SIGTERM is how multiprocessing stops
+    the workers still running when the process exits (then waits for them): every Paddle
+    iterator still open at exit (its prefetch thread keeps it alive) is closed first
+    (:meth:`close_all`, an ``atexit`` function).
     """
 
     WAIT_SECONDS = 2.0  # the prefetch thread raises right after killing the queue
+    CLOSE_SECONDS = 5.0  # for the workers to stop before they are killed
     errors = queue.SimpleQueue()
     previous_hook = None
+    open_iterators = weakref.WeakSet()
 
     @classmethod
     def install(cls):
-        if threading.excepthook is not cls.hook:
+        # compare functions: every cls.hook access is a new bound method
+        if getattr(threading.excepthook, "__func__", None) is not cls.hook.__func__:
             cls.previous_hook, threading.excepthook = threading.excepthook, cls.hook
 
     @classmethod
@@ -130,6 +189,21 @@ class _WorkerUserErrors:
         self.iterator = iterator
         while not self.errors.empty():  # left over from an earlier loader
             self.errors.get_nowait()
+        self.open_iterators.add(iterator)
+
+    @classmethod
+    def close(cls, iterator):
+        """Stop the workers of a Paddle ``iterator`` with Paddle's own shutdown; SIGKILL
+        those still alive after CLOSE_SECONDS."""
+        getattr(iterator, "_try_shutdown_all", lambda timeout: None)(cls.CLOSE_SECONDS)
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+
+    @classmethod
+    def close_all(cls):
+        for iterator in list(cls.open_iterators):
+            cls.close(iterator)
 
     def __iter__(self):
         return self
@@ -140,14 +214,24 @@ class _WorkerUserErrors:
     def __next__(self):
         try:
             return next(self.iterator)
-        except SystemError:
+        except SystemError as system_error:
+            died = worker_death(getattr(self.iterator, "_workers", ()))
+            if died is not None:
+                thread = getattr(self.iterator, "_thread", None)
+                if thread is not None:  # it logs Paddle's own warning first, then ends
+                    thread.join(self.WAIT_SECONDS)
+                self.close(self.iterator)
+                raise died from None
             try:
                 error = self.errors.get(timeout=self.WAIT_SECONDS)
             except queue.Empty:
-                raise
-            # Stop the workers now (Paddle's own shutdown), not by SIGTERM at exit.
-            getattr(self.iterator, "_try_shutdown_all", lambda: None)()
+                raise system_error from None
+            self.close(self.iterator)  # now, not at exit
             raise error from None
+
+
+# registered after multiprocessing's own exit function (imported above), so it runs first
+atexit.register(_WorkerUserErrors.close_all)
 
 
 class PasslDataLoader(DataLoader):
@@ -161,7 +245,14 @@ class PasslDataLoader(DataLoader):
     def __iter__(self):
         if self.num_workers == 0:
             return self._read_in_this_thread()
-        return _WorkerUserErrors(super().__iter__())
+        iterator = super().__iter__()
+        # Paddle's SIGCHLD handler raises a dead worker's SystemError in the main thread
+        # wherever it is: inside a logging call (which swallows it and prints a traceback) or
+        # a checkpoint write. Its prefetch thread notices the death as well (within 5 s), and
+        # then the next batch fails where _WorkerUserErrors reports it.
+        if threading.current_thread() is threading.main_thread():  # where signals can be set
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        return _WorkerUserErrors(iterator)
 
     def _read_in_this_thread(self):
         for indices in self.batch_sampler:
@@ -199,14 +290,27 @@ def build_dataloader(cfg, mode="train", seed=0):
             "lower it")
     _WorkerUserErrors.install()
     return PasslDataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
-                           worker_init_fn=single_threaded_opencv, persistent_workers=False,
+                           worker_init_fn=init_worker, persistent_workers=False,
                            **loader_options)
 
 
-def set_loader_epoch(loader, epoch):
+def set_loader_epoch(loader, epoch, skip_batches=0):
     """Prepare ``loader`` for ``epoch``: the sampler's permutation (Paddle seeds it with the
     epoch, so it is the same on every rank; ordered evaluation samplers have none) and the
-    dataset's augmentations."""
+    dataset's augmentations.
+
+    ``skip_batches``: the next iteration starts after that many batches of the epoch (each
+    rank skips that many of its own), without loading them: how a run resumed mid-epoch
+    (``steps_in_epoch`` of its checkpoint) continues with the batches it would have seen.
+    A TarShards sampler starts its share at ``skip_batches x batch_size`` images instead.
+    """
     if hasattr(loader.batch_sampler, "set_epoch"):
         loader.batch_sampler.set_epoch(epoch)
+    sampler = loader.batch_sampler
+    if skip_batches and isinstance(sampler, ResumableBatchSampler):
+        sampler.skip = skip_batches
+    elif skip_batches and hasattr(sampler, "start_epoch_at"):  # TarShards: this rank's offset
+        sampler.start_epoch_at(epoch, skip_batches * sampler.batch_size)
+    elif skip_batches:
+        raise ValueError(f"cannot skip batches of a {type(sampler).__name__}")
     loader.dataset.set_epoch(epoch)

@@ -3,7 +3,10 @@
 Layout: ``output_dir/checkpoints/epoch_N.pd`` (N = epochs completed) and
 ``checkpoints/latest.pd``, a relative symlink to the newest complete one (a hard link where
 the file system has no symlinks). Opening ``latest.pd`` therefore opens a checkpoint, so any
-tool that reads checkpoints (``tools/extract_weight.py``) accepts it as is.
+tool that reads checkpoints (``tools/extract_weight.py``) accepts it as is. A run stopped by
+a signal (:mod:`passl.preemption`) writes ``epoch_E_step_S.pd``: S optimizer steps into
+epoch E, both counted as the log lines count them (1-based epoch, steps done); it is removed
+once a later checkpoint is written.
 
 Crash safety: a checkpoint is written to ``epoch_N.pd.tmp``, flushed to disk and renamed
 (``os.replace`` is atomic); only then is ``latest.pd`` swapped, again by renaming a freshly
@@ -12,7 +15,9 @@ made link over it. A crash at any point leaves ``latest.pd`` pointing at a compl
 Content (one ``paddle.save`` dict, written by rank 0)::
 
     kind, version          marker: refuse anything else with a one-line error
-    epoch, iter            epochs completed and optimizer steps done
+    epoch, iter            epochs completed and optimizer steps done (in all)
+    steps_in_epoch         optimizer steps done in epoch ``epoch`` (0-based), 0 at an epoch
+                           boundary; resuming skips that many batches of the epoch
     model                  model.state_dict() (unwrapped: no DataParallel prefix)
     optimizer              accumulators (LARS/SGD momentum, Adam moments) by parameter path
     lr_scheduler           its state_dict (the iteration it is at)
@@ -39,11 +44,13 @@ from passl import distributed
 from passl.engine import world_change
 from passl.errors import UserError
 from passl.io.paddle_file import load_paddle_file
+from passl.io.safe_write import OutputWriteError, reporting_write_errors
 
 KIND = "passl-training-checkpoint"
 VERSION = 1
 LATEST = "latest.pd"
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pd$")
+_MID_EPOCH_FILE = re.compile(r"^epoch_(\d+)_step_(\d+)\.pd$")
 
 
 def checkpoint_dir(output_dir):
@@ -150,6 +157,24 @@ def _point_latest(directory, target_name):
     os.replace(tmp, link)
 
 
+def checkpoint_name(epoch, steps_in_epoch=0):
+    """File name of the checkpoint at a position (``epoch`` epochs and ``steps_in_epoch``
+    steps of the next one done), see the module doc."""
+    if steps_in_epoch:
+        return f"epoch_{epoch + 1}_step_{steps_in_epoch}.pd"
+    return f"epoch_{epoch}.pd"
+
+
+def mid_epoch_checkpoints(directory):
+    """``[((epochs completed, steps in epoch), path)]`` of the ``epoch_E_step_S.pd`` files."""
+    found = []
+    for path in glob.glob(os.path.join(directory, "epoch_*_step_*.pd")):
+        match = _MID_EPOCH_FILE.match(os.path.basename(path))
+        if match:
+            found.append(((int(match.group(1)) - 1, int(match.group(2))), path))
+    return sorted(found)
+
+
 def epoch_checkpoints(directory):
     """``[(epoch, path)]`` of the complete ``epoch_N.pd`` files in ``directory``, oldest first."""
     found = []
@@ -161,20 +186,24 @@ def epoch_checkpoints(directory):
 
 
 def save_checkpoint(state, directory, keep_last=None):
-    """Write ``state`` as ``epoch_{state['epoch']}.pd``, point ``latest.pd`` at it, prune.
+    """Write ``state`` under :func:`checkpoint_name`, point ``latest.pd`` at it, prune.
 
     Args:
         keep_last: keep this many newest ``epoch_N.pd`` files up to this epoch (None or 0:
-            keep all).
+            keep all). Mid-epoch files before this position are always removed.
 
     Returns:
         The path written.
     """
     os.makedirs(directory, exist_ok=True)
-    name = f"epoch_{state['epoch']}.pd"
+    position = (state["epoch"], state.get("steps_in_epoch", 0))
+    name = checkpoint_name(*position)
     path = os.path.join(directory, name)
     write_atomic(state, path)
     _point_latest(directory, name)
+    for older, old_path in mid_epoch_checkpoints(directory):
+        if older < position:  # later ones may belong to an earlier run in this output_dir
+            os.remove(old_path)
     if keep_last:
         # only files up to this epoch: a later-numbered file left by an earlier run in the
         # same output_dir must not push out the checkpoints of this run
@@ -242,8 +271,9 @@ def hook_key(hooks, index):
     return name if len(same) == 1 else f"{name}.{same.index(index)}"
 
 
-def capture(trainer):
-    """The checkpoint dict of ``trainer`` at an epoch boundary; collective, all ranks call it.
+def capture(trainer, steps_in_epoch=0):
+    """The checkpoint dict of ``trainer`` at the end of epoch ``trainer.epoch``, or, with
+    ``steps_in_epoch``, that many steps into it; collective, all ranks call it.
 
     Returns the dict on rank 0 and None elsewhere (only rank 0 writes).
     """
@@ -255,7 +285,8 @@ def capture(trainer):
         return None
     return {
         "kind": KIND, "version": VERSION,
-        "epoch": trainer.epoch + 1, "iter": trainer.iter,
+        "epoch": trainer.epoch + (0 if steps_in_epoch else 1), "iter": trainer.iter,
+        "steps_in_epoch": steps_in_epoch,
         "model": trainer.model.state_dict(),
         "optimizer": optimizer_state(trainer.optimizer, trainer.model),
         "lr_scheduler": trainer.lr_scheduler.state_dict(),
@@ -265,6 +296,38 @@ def capture(trainer):
         "per_rank": per_rank,
         "config": trainer.cfg.to_dict() if hasattr(trainer.cfg, "to_dict") else dict(trainer.cfg),
     }
+
+
+def save_trainer_checkpoint(trainer, keep_last=None, steps_in_epoch=0):
+    """:func:`capture` and, on rank 0, :func:`save_checkpoint` into ``output_dir/checkpoints``;
+    returns the path on every rank.
+
+    Collective: all ranks return only once rank 0's write is over, and when it failed (e.g. a
+    full disk) all raise an OutputWriteError naming the file, so they stop together.
+    """
+    state = capture(trainer, steps_in_epoch)
+    epoch = trainer.epoch + (0 if steps_in_epoch else 1)
+    directory = checkpoint_dir(trainer.output_dir)
+    path = os.path.join(directory, checkpoint_name(epoch, steps_in_epoch))
+    failure = None
+    if state is not None:
+        try:
+            with reporting_write_errors(path):
+                save_checkpoint(state, directory, keep_last)
+        except OutputWriteError as error:
+            failure = error
+    written = paddle.to_tensor([0 if failure else 1], dtype="int32")
+    if not int(distributed.all_reduce(written, op="min").numpy()[0]):
+        raise failure or OutputWriteError(f"process 0 could not write {path} (its log says why)")
+    return path
+
+
+def last_checkpoint(output_dir):
+    """The file ``latest.pd`` leads to (``output_dir/checkpoints/epoch_N.pd``, not the link),
+    or None."""
+    link = latest_checkpoint(output_dir)
+    return os.path.join(os.path.dirname(link), os.path.basename(os.path.realpath(link))) \
+        if link else None
 
 
 def _check_model_keys(model, saved, path):
@@ -324,8 +387,16 @@ def restore(trainer, state, path):
     if state.get("amp_scaler"):
         trainer.amp.set_state_dict(state["amp_scaler"])
     trainer.start_epoch, trainer.iter = int(state["epoch"]), int(state["iter"])
+    trainer.start_step = int(state.get("steps_in_epoch", 0))
     hooks = trainer.hooks
     if world_change.layout_changed(state, trainer.world_size, trainer.global_batch_size):
+        if trainer.start_step:
+            raise UserError(
+                f"--resume {path}: a mid-epoch checkpoint (step {trainer.start_step} of epoch "
+                f"{trainer.start_epoch + 1}) resumes only with the layout that wrote it "
+                f"({state['world_size']} process(es), global batch "
+                f"{world_change.saved_global_batch(state)}); resume it so until the epoch ends, "
+                f"or resume from an epoch_N.pd checkpoint")
         for i, hook in enumerate(hooks):
             key = hook_key(hooks, i)
             rank_states = [rank_state["hooks"].get(key, {}) for rank_state in state["per_rank"]]

@@ -11,7 +11,9 @@ Record types (the ``type`` key):
 * ``summary`` at the end: ``total_time_s``, ``mean_ips``, ``peak_memory_mb``, ``memory``.
 
 Only rank 0 writes. Each line is flushed when written, so the file is readable during the run
-and complete up to the last record after a crash.
+and complete up to the last record after a crash. A line that cannot be written (a full disk)
+is cut off again and raises :class:`~passl.io.safe_write.OutputWriteError`, which stops the
+run; later records of that run are dropped (the end-of-run summary among them).
 """
 import json
 import math
@@ -19,6 +21,8 @@ import os
 
 import numpy as np
 import paddle
+
+from passl.io.safe_write import OutputWriteError, append_text, write_text_atomic
 
 
 def _plain(value):
@@ -41,15 +45,19 @@ class MetricsLog:
         self.path = path
         self.enabled = enabled
         self.sinks = []  # callables that also receive every record (e.g. VisualDL)
+        self.failed = False
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(self, record):
-        if not self.enabled:
+        if not self.enabled or self.failed:
             return
         record = {key: _plain(value) for key, value in record.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            append_text(self.path, json.dumps(record) + "\n")
+        except OutputWriteError:
+            self.failed = True
+            raise
         for sink in self.sinks:
             sink(record)
 
@@ -70,10 +78,7 @@ class MetricsLog:
             return
         kept = [r for r in read_metrics(self.path)
                 if r.get("type") != "summary" and r.get("iter", 0) <= iteration]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def read_metrics(path, record_type=None):

@@ -13,6 +13,7 @@ An evaluator typically loops over ``trainer.val_loader`` with ``trainer.model`` 
 mode (``passl.evaluation.classification.evaluate``) or builds its own loaders (kNN).
 """
 import os
+import signal
 
 import paddle
 
@@ -27,6 +28,7 @@ from passl.engine.metrics_log import MetricsLog
 from passl.errors import ConfigError, UserError
 from passl.models import MODELS
 from passl.models.weights import load_pretrained
+from passl.preemption import StopSignals, TrainingStopped
 from passl.registry import key_path_of
 from passl.runtime import (configure_cpu_threads, local_process_count, seed_everything,
                            select_device, set_deterministic)
@@ -54,7 +56,8 @@ class Trainer:
 
     Attributes hooks may use (besides those in :class:`~passl.engine.hooks.base.Hook`):
         ``batch_images`` (images in this step's batch on this process, ``labels.shape[0]``),
-        ``start_epoch`` (first epoch this process runs), ``completed`` (the loop finished),
+        ``start_epoch`` (first epoch this process runs), ``start_step`` (steps of it done
+        before a mid-epoch resume), ``completed`` (the loop finished),
         ``amp`` (:class:`~passl.engine.amp.MixedPrecision`), ``device``, ``hooks``.
     """
 
@@ -83,7 +86,7 @@ class Trainer:
             self._build_training(loaders, seed)
         self.hooks = self._build_hooks()
         self.evaluators = [h for h in self.hooks if callable(getattr(h, "evaluate", None))]
-        self.start_epoch = self.epoch = self.iter = self.inner_iter = 0
+        self.start_epoch = self.start_step = self.epoch = self.iter = self.inner_iter = 0
         self.outputs, self.batch_images, self.completed = None, 0, False
         self.resumed_rng = None
         if resumed:
@@ -222,8 +225,9 @@ class Trainer:
     def _resume(self, path, state):
         self.resumed_rng = checkpoint.restore(self, state, path)
         self.epoch = self.start_epoch
-        self.logger.info(f"resumed from {path}: {self.start_epoch} epoch(s), {self.iter} "
-                         f"iterations done")
+        self.logger.info(f"resumed from {path}: {self.start_epoch} epoch(s)"
+                         + (f" and {self.start_step} step(s)" if self.start_step else "")
+                         + f", {self.iter} iterations done")
 
     # ------------------------------------------------------------------ running
 
@@ -232,37 +236,64 @@ class Trainer:
             getattr(hook, event)(self)
 
     def train(self):
-        """Run the remaining epochs; ``after_run`` hooks run even when a step fails."""
+        """Run the remaining epochs; ``after_run`` hooks run even when a step fails.
+
+        SIGTERM, SIGUSR1 or Ctrl-C stop the run after the current step with a mid-epoch
+        checkpoint, then raise :class:`~passl.preemption.TrainingStopped`.
+        """
         self.completed = False
         if self.start_epoch == 0 and self.metrics.start_fresh():
             self.logger.info("a new run: the earlier metrics.jsonl of this output_dir was moved "
                              "to metrics.previous.jsonl")
+        self.stop_signals = StopSignals(self.logger)
+        self.stop_signals.install()
         try:
             self.call_hooks("before_run")
-            if self.resumed_rng is not None:  # last: start-up may have drawn random numbers
-                checkpoint.set_rng_state(self.resumed_rng)
-                self.resumed_rng = None
+            if not self.start_step:  # last: start-up may have drawn random numbers
+                self._set_resumed_rng()
             for self.epoch in range(self.start_epoch, self.epochs):
                 self.train_epoch()
             self.completed = True
         finally:
+            self.stop_signals.uninstall()
             self.call_hooks("after_run")
 
+    def _set_resumed_rng(self):
+        if self.resumed_rng is not None:
+            checkpoint.set_rng_state(self.resumed_rng)
+            self.resumed_rng = None
+
     def train_epoch(self):
-        set_loader_epoch(self.train_loader, self.epoch)
+        skip = self.start_step if self.epoch == self.start_epoch else 0
+        set_loader_epoch(self.train_loader, self.epoch, skip_batches=skip)
         self.model.train()
         self.call_hooks("before_epoch")
-        for self.inner_iter, batch in enumerate(self.train_loader):
+        batches = iter(self.train_loader)
+        self._set_resumed_rng()  # resumed mid-epoch: the state saved right after step `skip`
+        for self.inner_iter, batch in enumerate(batches, start=skip):
             self.call_hooks("before_iter")
             self.run_step(batch)
             self.call_hooks("after_iter")
             self.lr_scheduler.step()
             self.iter += 1
+            self._stop_if_signalled()
         done = self.epoch + 1
         interval = self.cfg.get("eval_interval", 1)
         if self.evaluators and (done % interval == 0 or done == self.epochs):
             self._run_evaluators(epoch=done)
         self.call_hooks("after_epoch")
+
+    def _stop_if_signalled(self):
+        """At a step boundary: when any rank got a stop signal, all save and stop here."""
+        signum = self.stop_signals.agreed()  # collective
+        if not signum:
+            return
+        self.call_hooks("before_save")
+        # collective: the ranks leave together (the launcher stops all once one has exited)
+        path = checkpoint.save_trainer_checkpoint(self, steps_in_epoch=self.inner_iter + 1)
+        if self.rank == 0:
+            self.logger.info(f"checkpoint saved: {path}")
+        raise TrainingStopped(signal.Signals(signum).name, path, self.iter)
 
     def run_step(self, batch):
         """One optimisation step on ``batch`` = ``(inputs, labels)``.

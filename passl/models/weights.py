@@ -10,11 +10,11 @@ import os
 from collections import OrderedDict
 
 import numpy as np
-import paddle
 
-from passl.engine.checkpoint import KIND as CHECKPOINT_KIND
+from passl.engine.checkpoint import KIND as CHECKPOINT_KIND, write_atomic
 from passl.errors import UserError
 from passl.io.paddle_file import load_paddle_file
+from passl.io.safe_write import reporting_write_errors
 from passl.utils.logger import get_logger
 
 WEIGHTS_SUFFIX = ".pdparams"
@@ -66,7 +66,8 @@ def select_prefix(state_dict, prefix="backbone", remove_prefix=False):
 
 def extract_weights(checkpoint_path, output_path, prefix="backbone", remove_prefix=False,
                     trust=False):
-    """Write the ``prefix.*`` tensors of a checkpoint's model to ``output_path``.
+    """Write the ``prefix.*`` tensors of a checkpoint's model to ``output_path`` (whole or not
+    at all: a failed write, e.g. a full disk, is one OutputWriteError and leaves no file).
 
     Returns:
         ``{'tensors': count, 'values': total number of scalars, 'output': output_path}``.
@@ -76,8 +77,9 @@ def extract_weights(checkpoint_path, output_path, prefix="backbone", remove_pref
                         f"(e.g. --output backbone{WEIGHTS_SUFFIX})")
     model_state = read_checkpoint(checkpoint_path, trust)["model"]
     weights = select_prefix(model_state, prefix, remove_prefix)
-    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
-    paddle.save(weights, output_path)
+    with reporting_write_errors(output_path):
+        os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+        write_atomic(weights, output_path)
     return {"tensors": len(weights),
             "values": sum(num_values(t) for t in weights.values()),
             "output": output_path}

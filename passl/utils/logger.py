@@ -10,10 +10,29 @@ import logging.handlers
 import os
 import sys
 
+from passl.io.safe_write import write_failure
+
 LOGGER_NAME = "passl"
 #: ``logger.info(msg, extra=FILE_ONLY)``: write to the log file only.
 FILE_ONLY = {"file_only": True}
 _FORMAT = logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+class LogFileHandler(logging.FileHandler):
+    """A log file that, when it cannot be written (a full disk), says so once in one line
+    instead of printing logging's traceback for every record; the run goes on (a checkpoint
+    or metrics write that fails too stops it)."""
+
+    reported = False
+
+    def handleError(self, record):
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+        elif not self.reported:
+            self.reported = True
+            print(f"warning: {write_failure(self.baseFilename, error)}; its log lines are lost",
+                  file=sys.stderr)
 
 
 def _not_file_only(record):
@@ -55,7 +74,7 @@ def open_log_file(output_dir, rank=0, filename="train.log"):
     """Start writing the log to ``output_dir``, first the records held since start-up."""
     logger = logging.getLogger(LOGGER_NAME)
     os.makedirs(output_dir, exist_ok=True)
-    file_handler = logging.FileHandler(os.path.join(output_dir, log_file_name(filename, rank)))
+    file_handler = LogFileHandler(os.path.join(output_dir, log_file_name(filename, rank)))
     file_handler.setFormatter(_FORMAT)
     for held in [h for h in logger.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
         held.setTarget(file_handler)

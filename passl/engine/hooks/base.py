@@ -31,6 +31,7 @@ class Hook:
         before_run
           before_epoch
             before_iter -> forward -> backward -> after_backward -> optimizer step -> after_iter
+            (on a stop signal: before_save, then the mid-epoch checkpoint)
           after_epoch
         after_run
 
@@ -65,6 +66,9 @@ class Hook:
 
     def after_iter(self, trainer):
         pass
+
+    def before_save(self, trainer):
+        """Every rank, right before a mid-epoch checkpoint (a stop signal) is written."""
 
     def state_dict(self):
         return {}

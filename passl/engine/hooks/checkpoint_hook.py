@@ -13,6 +13,9 @@ class CheckpointHook(Hook):
         save_interval: epochs between checkpoints (the last epoch is always saved).
         keep_last: how many newest ``epoch_N.pd`` files to keep (0: all).
 
+    A write that fails (e.g. a full disk) stops the run with one line naming the file and the
+    free space; the previous checkpoint and ``latest.pd`` stay as they were.
+
     Runs late in ``after_epoch`` (after evaluation and the other hooks have updated their
     state), so the checkpoint holds exactly the state the next epoch starts from.
     """
@@ -34,8 +37,6 @@ class CheckpointHook(Hook):
         done = trainer.epoch + 1
         if done % self.save_interval and done != trainer.epochs:
             return
-        state = checkpoint.capture(trainer)  # collective: every rank takes part
-        if state is not None:
-            directory = checkpoint.checkpoint_dir(trainer.output_dir)
-            self.last_saved = checkpoint.save_checkpoint(state, directory, self.keep_last)
+        self.last_saved = checkpoint.save_trainer_checkpoint(trainer, self.keep_last)  # collective
+        if trainer.rank == 0:
             trainer.logger.info(f"checkpoint saved: {self.last_saved}")

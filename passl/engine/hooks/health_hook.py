@@ -1,6 +1,5 @@
 """Stops a diverged run early and warns about SwAV's usual silent failure."""
 import math
-import os
 
 import numpy as np
 import paddle
@@ -89,6 +88,9 @@ class HealthHook(Hook):
         if getattr(amp, "consecutive_skipped", 0) >= self.max_consecutive_bad_steps:
             self._stop(trainer, trainer.iter, float("nan"), skipped=amp.consecutive_skipped)
 
+    def before_save(self, trainer):
+        self.check_pending(trainer)  # nothing is saved after an unread non-finite loss
+
     def check_pending(self, trainer):
         """Read the losses not checked yet (one host read, one collective; every process calls
         it together): stop or watch. Anything saving a checkpoint between check steps (e.g.
@@ -111,8 +113,7 @@ class HealthHook(Hook):
             self._watch_collapse(trainer, iteration, float(loss))
 
     def _stop(self, trainer, iteration, loss, skipped=0):
-        last_good = checkpoint.latest_checkpoint(trainer.output_dir)
-        last_good = os.path.realpath(last_good) if last_good else None  # epoch_N.pd, not latest.pd
+        last_good = checkpoint.last_checkpoint(trainer.output_dir)
         kept = f"last good checkpoint kept: {last_good}" if last_good else \
             "no checkpoint was written yet"
         trainer.metrics.write({"type": "event", "event": "non_finite_loss",

@@ -70,6 +70,8 @@ class LoggerHook(Hook):
         self.progress_bar = progress_bar
         self.visualdl = visualdl
         self.bar = None
+        self.interval_steps = 0
+        self.resumed_interval = None
 
     # ------------------------------------------------------------------ run
 
@@ -107,9 +109,14 @@ class LoggerHook(Hook):
     def before_epoch(self, trainer):
         self.epoch_start = time.perf_counter()
         self._reset_interval()
+        if self.resumed_interval:
+            self.interval_sums = dict(self.resumed_interval["sums"])
+            self.interval_steps = self.resumed_interval["steps"]
+            self.resumed_interval = None
         if self.show_bar:
-            self.bar = tqdm(total=trainer.iters_per_epoch, dynamic_ncols=True, leave=True,
-                            desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}")
+            resumed = trainer.start_step if trainer.epoch == trainer.start_epoch else 0
+            self.bar = tqdm(total=trainer.iters_per_epoch, initial=resumed, dynamic_ncols=True,
+                            leave=True, desc=f"epoch {trainer.epoch + 1}/{trainer.epochs}")
 
     def after_epoch(self, trainer):
         self.epochs_completed = trainer.epoch + 1
@@ -184,6 +191,16 @@ class LoggerHook(Hook):
         else:
             trainer.logger.info(line)
         self._reset_interval()
+
+    def state_dict(self):
+        """The losses of a logging interval cut by a mid-epoch checkpoint, so that the resumed
+        run's next record averages the same steps as the uninterrupted run's."""
+        if not self.interval_steps:
+            return {}
+        return {"sums": dict(self.interval_sums), "steps": self.interval_steps}
+
+    def set_state_dict(self, state):
+        self.resumed_interval = state
 
     def _eta(self, trainer):
         """Remaining time of the whole run, from this run's mean time per iteration."""
