@@ -296,3 +296,20 @@ def test_frozen_backbone_engine_gives_the_dygraph_step(digits, tmp_path):
 
     with pytest.raises(ConfigError, match="backbone_engine: inference runs a frozen copy"):
         MODELS.build({**block, "freeze_backbone": False})
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_no_directory(digits, tmp_path, capsys,
+                                                                        monkeypatch):
+    import errno
+    from passl.deploy import export
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(export, "write_meta", disk_full)
+    target = tmp_path / "export"
+    code, _, err = run_tool(EXPORT, ["-c", digits["config"], "--load", digits["checkpoint"],
+                                     "--output", str(target)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"error: cannot write {target}: No space left on device (")
+    assert "free on its file system" in err and len(err.strip().splitlines()) == 1
+    assert not target.exists()

@@ -12,6 +12,7 @@ size is put in front, so any image file comes out at the model's input size.
 """
 import copy
 import os
+import shutil
 
 import numpy as np
 import paddle
@@ -23,6 +24,7 @@ from passl.deploy.engine import InferenceEngine, ModelFeatures, eval_mode, save_
 from passl.engine.checkpoint import load_model_weights
 from passl.errors import ConfigError, UserError
 from passl.io.inference_model import META_FILE, OUTPUTS, model_prefix, write_meta
+from passl.io.safe_write import OutputWriteError, reporting_write_errors
 from passl.models import MODELS
 from passl.models.weights import load_pretrained
 from passl.utils.logger import get_logger
@@ -118,6 +120,22 @@ def relative_error(actual, expected):
     return float(np.abs(actual - expected).max() / max(float(np.abs(expected).max()), 1e-12))
 
 
+def _write_export(output_dir, layer, input_shape, what, transforms, names):
+    """The inference directory, whole or not at all: a failed write (e.g. a full disk) is one
+    OutputWriteError, and a directory this call created is removed again."""
+    created = not os.path.exists(output_dir)
+    try:
+        with reporting_write_errors(output_dir):
+            os.makedirs(output_dir, exist_ok=True)
+            graph, params = save_static(layer, model_prefix(output_dir), input_shape)
+            write_meta(output_dir, what, input_shape, transforms, names)
+    except OutputWriteError:
+        if created:
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
+    return graph, params
+
+
 def export_model(cfg, output_dir, pretrained=None, load=None, what=None, batch_size=None,
                  overwrite=False):
     """Build ``cfg.model``, load the weights, write the inference directory ``output_dir``.
@@ -155,10 +173,8 @@ def export_model(cfg, output_dir, pretrained=None, load=None, what=None, batch_s
     transforms, chw = preprocessing(cfg)
     names = class_names(cfg) if what == "logits" else None
 
-    os.makedirs(output_dir, exist_ok=True)
     input_shape = [batch_size or -1, *chw]
-    graph, params = save_static(layer, model_prefix(output_dir), input_shape)
-    write_meta(output_dir, what, input_shape, transforms, names)
+    graph, params = _write_export(output_dir, layer, input_shape, what, transforms, names)
 
     probe = np.random.default_rng(0).standard_normal((batch_size or 2, *chw)).astype("float32")
     with eval_mode(layer), paddle.no_grad():
