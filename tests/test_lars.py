@@ -53,29 +53,36 @@ def loss_of(params, x):
     return (hidden ** 2).sum() + (params["zero_grad"] * 0).sum()
 
 
-@pytest.mark.parametrize("exclude_1d", [False, True])
-def test_lars_matches_numpy_apex_larc(exclude_1d):
+def run_against_reference(schedule, lr_at, steps, seed, exclude_1d=False):
+    """LARS and the NumPy apex-LARC reference side by side for ``steps`` steps; every
+    parameter must agree after each one. Returns the parameters (after the last step)."""
     params = make_params()
-    schedule = Constant(lr=0.5, epochs=1, iters_per_epoch=10, global_batch_size=1)
     optimizer = OPTIMIZERS.build({"name": "LARS", "momentum": MOMENTUM, "weight_decay": WD,
                                   "trust_coefficient": TRUST, "eps": EPS,
                                   "exclude_from_adaptation": exclude_1d},
                                  learning_rate=schedule, parameters=list(params.values()))
     reference = {name: p.numpy().astype("float64") for name, p in params.items()}
     velocity = {}
-    x = paddle.to_tensor(np.random.RandomState(1).randn(5, 4).astype("float32"))
-    for step in range(4):
+    x = paddle.to_tensor(np.random.RandomState(seed).randn(5, 4).astype("float32"))
+    for step in range(steps):
         loss_of(params, x).backward()
         grads = {name: None if p.grad is None else p.grad.numpy().astype("float64")
                  for name, p in params.items()}
         assert grads["unused"] is None and not grads["zero_grad"].any()
-        apex_larc_sgd_step(reference, grads, velocity, lr=0.5, exclude_1d=exclude_1d)
+        apex_larc_sgd_step(reference, grads, velocity, lr=lr_at(step), exclude_1d=exclude_1d)
         optimizer.step()
         optimizer.clear_grad(set_to_zero=False)
         schedule.step()
         for name, p in params.items():
             np.testing.assert_allclose(p.numpy(), reference[name], rtol=2e-5, atol=1e-6,
                                        err_msg=f"{name} after step {step}")
+    return params
+
+
+@pytest.mark.parametrize("exclude_1d", [False, True])
+def test_lars_matches_numpy_apex_larc(exclude_1d):
+    schedule = Constant(lr=0.5, epochs=1, iters_per_epoch=10, global_batch_size=1)
+    params = run_against_reference(schedule, lambda step: 0.5, 4, seed=1, exclude_1d=exclude_1d)
     assert np.abs(params["zero_init"].numpy()).sum() > 0  # moved off zero by a plain step
     np.testing.assert_array_equal(params["unused"].numpy(),
                                   make_params()["unused"].numpy())
@@ -124,21 +131,5 @@ def test_momentum_skips_params_without_gradient_and_matches_torch_sgd():
 
 def test_lars_with_a_changing_lr_applies_it_outside_the_momentum():
     """torch SGD's p -= lr * v with v = m * v + d (Paddle's LarsMomentum folds lr into v)."""
-    params = make_params()
     schedule = paddle.optimizer.lr.LambdaDecay(0.5, lambda step: 1.0 / (step + 1))
-    optimizer = OPTIMIZERS.build({"name": "LARS", "momentum": MOMENTUM, "weight_decay": WD,
-                                  "trust_coefficient": TRUST, "eps": EPS},
-                                 learning_rate=schedule, parameters=list(params.values()))
-    reference = {name: p.numpy().astype("float64") for name, p in params.items()}
-    velocity = {}
-    x = paddle.to_tensor(np.random.RandomState(2).randn(5, 4).astype("float32"))
-    for step in range(3):
-        loss_of(params, x).backward()
-        grads = {name: None if p.grad is None else p.grad.numpy().astype("float64")
-                 for name, p in params.items()}
-        apex_larc_sgd_step(reference, grads, velocity, lr=0.5 / (step + 1))
-        optimizer.step()
-        optimizer.clear_grad(set_to_zero=False)
-        schedule.step()
-    for name, p in params.items():
-        np.testing.assert_allclose(p.numpy(), reference[name], rtol=2e-5, atol=1e-6, err_msg=name)
+    run_against_reference(schedule, lambda step: 0.5 / (step + 1), 3, seed=2)
