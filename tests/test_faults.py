@@ -98,6 +98,18 @@ def test_sigterm_mid_epoch_saves_and_resume_auto_matches_the_uninterrupted_run(t
     assert checkpoints_in(out) == ["epoch_1.pd", "epoch_2.pd", "epoch_3.pd", "latest.pd"]
 
 
+def test_a_mid_epoch_checkpoint_refuses_another_layout(tmp_path):
+    cfg_path, _ = toy_run(tmp_path, "stopped", hooks=[signal_hook(1, 1, "SIGTERM")])
+    assert run_cli(cfg_path).returncode == STOPPED_STATUS
+    saved = os.path.join(str(tmp_path / "stopped"), "checkpoints", "latest.pd")
+    other_batch = run_cli(cfg_path, "--resume", "auto", "-o", "dataloader.train.sampler.batch_size=4")
+    assert other_batch.returncode == 2 and "Traceback" not in other_batch.stderr
+    assert error_line(other_batch.stderr) == (
+        f"error: --resume {saved}: a mid-epoch checkpoint (step 2 of epoch 2) resumes only with "
+        f"the layout that wrote it (1 process(es), global batch 8); resume it so until the "
+        f"epoch ends, or resume from an epoch_N.pd checkpoint")
+
+
 @pytest.fixture
 def keep_signal_handlers():
     """Restore this process's handlers (a stopped run leaves SIGTERM and SIGUSR1 ignored)."""
