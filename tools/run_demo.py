@@ -1,6 +1,6 @@
 """Run the built-in demo end to end: SwAV features against random init and raw pixels.
 
-    python tools/run_demo.py                      # 7-10 min on 2 cores
+    python tools/run_demo.py                      # 5 min on 2 quiet cores
     python tools/run_demo.py --epochs 1 --linear-epochs 1 --finetune-epochs 1 --output-dir /tmp/demo
     python tools/run_demo.py --pictures-dir docs/images   # the README's pictures (docs/visualize.md)
 
