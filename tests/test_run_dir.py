@@ -75,6 +75,8 @@ def test_evaluate_only_needs_weights_or_as_built(old_run):
     cfg, out = old_run
     code, err = run("-c", cfg, "--evaluate-only")
     assert_one_line_error(code, err, "--evaluate-only", "--load", "--as-built")
+    code, err = run("-c", cfg, "--evaluate-only", "--resume", "auto")
+    assert_one_line_error(code, err, "--evaluate-only", "with --load instead of --resume")
 
 
 def test_evaluate_only_record_is_marked_with_the_checkpoint_epoch(old_run):

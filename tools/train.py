@@ -52,6 +52,9 @@ def check_flags(args):
     if args.resume and (args.pretrained or args.load):
         raise UserError("--resume restores the whole run; do not combine it with "
                         "--pretrained or --load")
+    if args.resume and args.evaluate_only:
+        raise UserError("--evaluate-only scores weights, it does not continue a run: pass the "
+                        "checkpoint with --load instead of --resume")
     if args.resume and args.archive_old_run:
         raise UserError("--archive-old-run starts a new run; do not combine it with --resume")
     if args.evaluate_only and not args.load and not args.as_built:
