@@ -87,10 +87,12 @@ class StopSignals:
             self.logger.warning(f"received {signal.Signals(signum).name}: stopping after the "
                                 f"current step with a checkpoint (Ctrl-C again aborts at once)")
 
-    def agreed(self):
-        """The signal any rank has received (0: none). Collective: all ranks call it at the
-        same step; alone, it costs nothing."""
+    def agreed(self, failed=False):
+        """``(signal, failed)``: the signal any rank has received (0: none), and whether any
+        rank's ``failed`` is true (an output it could not write). Collective: all ranks call it
+        at the same step; alone, it costs nothing."""
         if distributed.get_world_size() == 1:
-            return self.received
-        flag = paddle.to_tensor([self.received], dtype="int32")
-        return int(distributed.all_reduce(flag, op="max").numpy()[0])
+            return self.received, failed
+        flags = paddle.to_tensor([self.received, int(failed)], dtype="int32")
+        signum, any_failed = distributed.all_reduce(flags, op="max").numpy().tolist()
+        return int(signum), bool(any_failed)

@@ -242,6 +242,18 @@ def test_metrics_log_on_a_full_disk_leaves_no_torn_line_and_stops_writing(tmp_pa
     assert open(path).read() == before
 
 
+def test_metrics_on_a_full_disk_stop_the_run_at_the_step_with_one_line(tmp_path):
+    cfg_path, _ = toy_run(tmp_path, "run", hooks=[{"name": "ToyEngineMetricsDiskFull", "epoch": 1}])
+    result = run_cli(cfg_path)
+    out = str(tmp_path / "run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert error_line(result.stderr).startswith(
+        f"error: cannot write {out}/metrics.jsonl: {ENOSPC} (")
+    assert f"last checkpoint {out}/checkpoints/epoch_1.pd; continue with:" in result.stderr
+    assert checkpoints_in(out) == ["epoch_1.pd", "latest.pd"]
+    assert max(r["iter"] for r in read_metrics(os.path.join(out, "metrics.jsonl"))) == 4
+
+
 def test_config_yaml_on_a_full_disk_keeps_the_previous_one(tmp_path, monkeypatch):
     path = str(tmp_path / "config.yaml")
     save_config({"epochs": 3}, path)
@@ -349,6 +361,22 @@ def test_full_disk_with_two_processes_stops_both_with_one_line_each(tmp_path):
     assert errors[0].startswith(f"error: cannot write {out}/checkpoints/epoch_2.pd: {ENOSPC} (")
     assert errors[1].startswith(f"error: process 0 could not write {out}/checkpoints/epoch_2.pd "
                                 f"(its log says why); last checkpoint {out}/checkpoints/epoch_1.pd;")
+    assert checkpoints_in(out) == ["epoch_1.pd", "latest.pd"]
+
+
+@pytest.mark.slow
+def test_metrics_on_a_full_disk_with_two_processes_stop_both_with_one_line_each(tmp_path):
+    cfg_path, _ = toy_run(tmp_path, "run", batch_size=4,
+                          hooks=[{"name": "ToyEngineMetricsDiskFull", "epoch": 1}])
+    result = launch(tmp_path, cfg_path, "log")
+    out = str(tmp_path / "run")
+    assert result.returncode == 2
+    logs = [open(tmp_path / "log" / f"workerlog.{rank}").read() for rank in (0, 1)]
+    assert all("Traceback" not in log and "Error Message Summary" not in log for log in logs)
+    errors = [error_line(log) for log in logs]
+    assert errors[0].startswith(f"error: cannot write {out}/metrics.jsonl: {ENOSPC} (")
+    assert errors[1].startswith("error: another process could not write its output (its log "
+                                f"says why); last checkpoint {out}/checkpoints/epoch_1.pd;")
     assert checkpoints_in(out) == ["epoch_1.pd", "latest.pd"]
 
 

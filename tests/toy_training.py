@@ -16,9 +16,10 @@ import paddle.nn as nn
 import yaml
 
 from passl.data import DATASETS
-from passl.engine import checkpoint
+from passl.engine import checkpoint, metrics_log
 from passl.engine.hooks import HOOKS, Hook
 from passl.evaluation.classification import evaluate as classification_evaluate
+from passl.io.safe_write import write_failure
 from passl.models import MODELS
 
 DIM, CLASSES = 8, 4
@@ -196,6 +197,20 @@ def fill_disk(path, partial=b"half a file"):
     with open(path, "wb") as f:
         f.write(partial)
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@HOOKS.register("ToyEngineMetricsDiskFull")
+class ToyEngineMetricsDiskFull(Hook):
+    """From epoch ``epoch`` (0-based) on, every metrics.jsonl append fails with ENOSPC."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def before_epoch(self, trainer):
+        if trainer.epoch == self.epoch:
+            def full_disk(path, text):
+                raise write_failure(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+            metrics_log.append_text = full_disk
 
 
 @HOOKS.register("ToyEngineDiskFull")

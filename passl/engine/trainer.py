@@ -12,6 +12,7 @@ one, before the ``after_epoch`` hooks (so a checkpoint includes what evaluation 
 An evaluator typically loops over ``trainer.val_loader`` with ``trainer.model`` in eval
 mode (``passl.evaluation.classification.evaluate``) or builds its own loaders (kNN).
 """
+import contextlib
 import os
 import signal
 
@@ -26,6 +27,7 @@ from passl.engine.amp import MixedPrecision
 from passl.engine.hooks import HOOKS
 from passl.engine.metrics_log import MetricsLog
 from passl.errors import ConfigError, UserError
+from passl.io.safe_write import OutputWriteError
 from passl.models import MODELS
 from passl.models.weights import load_pretrained
 from passl.preemption import StopSignals, TrainingStopped
@@ -88,7 +90,7 @@ class Trainer:
         self.evaluators = [h for h in self.hooks if callable(getattr(h, "evaluate", None))]
         self.start_epoch = self.start_step = self.epoch = self.iter = self.inner_iter = 0
         self.outputs, self.batch_images, self.completed = None, 0, False
-        self.resumed_rng = None
+        self.resumed_rng = self.write_failure = None
         if resumed:
             self._resume(*resumed)
         self._open_output_dir(archive_old_run)
@@ -273,19 +275,42 @@ class Trainer:
         for self.inner_iter, batch in enumerate(batches, start=skip):
             self.call_hooks("before_iter")
             self.run_step(batch)
-            self.call_hooks("after_iter")
+            with self._holding_write_failure():
+                self.call_hooks("after_iter")
             self.lr_scheduler.step()
             self.iter += 1
             self._stop_if_signalled()
         done = self.epoch + 1
         interval = self.cfg.get("eval_interval", 1)
         if self.evaluators and (done % interval == 0 or done == self.epochs):
-            self._run_evaluators(epoch=done)
+            with self._holding_write_failure():
+                self._run_evaluators(epoch=done)
+            self._agree()  # a signal is acted on at the next step boundary
         self.call_hooks("after_epoch")
 
+    @contextlib.contextmanager
+    def _holding_write_failure(self):
+        """An output this rank could not write (rank 0's metrics.jsonl on a full disk) is held
+        until the next :meth:`_agree`, where every rank stops together: raising it at once
+        would leave the other ranks waiting in a collective for a process that has gone."""
+        try:
+            yield
+        except OutputWriteError as error:
+            self.write_failure = error
+
+    def _agree(self):
+        """Collective: the stop signal any rank received (0: none); raises when any rank could
+        not write its output, on every rank."""
+        signum, failed = self.stop_signals.agreed(self.write_failure is not None)
+        if failed:
+            raise self.write_failure or OutputWriteError(
+                "another process could not write its output (its log says why)")
+        return signum
+
     def _stop_if_signalled(self):
-        """At a step boundary: when any rank got a stop signal, all save and stop here."""
-        signum = self.stop_signals.agreed()  # collective
+        """At a step boundary: when any rank got a stop signal, all save and stop here; when
+        any rank could not write its output, all stop here without saving."""
+        signum = self._agree()
         if not signum:
             return
         self.call_hooks("before_save")
