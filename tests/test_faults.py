@@ -243,7 +243,8 @@ def test_metrics_log_on_a_full_disk_leaves_no_torn_line_and_stops_writing(tmp_pa
 
 
 def test_metrics_on_a_full_disk_stop_the_run_at_the_step_with_one_line(tmp_path):
-    cfg_path, _ = toy_run(tmp_path, "run", hooks=[{"name": "ToyEngineMetricsDiskFull", "epoch": 1}])
+    cfg_path, _ = toy_run(tmp_path, "run", hooks=[{"name": "ToyEngineDiskFull", "epoch": 1,
+                                                       "what": "metrics"}])
     result = run_cli(cfg_path)
     out = str(tmp_path / "run")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -349,34 +350,26 @@ def test_a_dead_rank_stops_the_others_within_a_bounded_time(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_with_two_processes_stops_both_with_one_line_each(tmp_path):
+@pytest.mark.parametrize("what, failed, others", [
+    ("checkpoint", "checkpoints/epoch_2.pd",
+     "process 0 could not write {out}/checkpoints/epoch_2.pd (its log says why)"),
+    ("metrics", "metrics.jsonl",
+     "another process could not write its output (its log says why)"),
+])
+def test_full_disk_with_two_processes_stops_both_with_one_line_each(tmp_path, what, failed, others):
+    """A checkpoint or a metrics.jsonl write failing on rank 0: both ranks stop together, each
+    with one line, and no Paddle abort dump from a rank left waiting in a collective."""
     cfg_path, _ = toy_run(tmp_path, "run", batch_size=4,
-                          hooks=[{"name": "ToyEngineDiskFull", "epoch": 1}])
-    result = launch(tmp_path, cfg_path, "log")
-    out = str(tmp_path / "run")
-    assert result.returncode == 2
-    logs = [open(tmp_path / "log" / f"workerlog.{rank}").read() for rank in (0, 1)]
-    assert all("Traceback" not in log for log in logs)
-    errors = [error_line(log) for log in logs]
-    assert errors[0].startswith(f"error: cannot write {out}/checkpoints/epoch_2.pd: {ENOSPC} (")
-    assert errors[1].startswith(f"error: process 0 could not write {out}/checkpoints/epoch_2.pd "
-                                f"(its log says why); last checkpoint {out}/checkpoints/epoch_1.pd;")
-    assert checkpoints_in(out) == ["epoch_1.pd", "latest.pd"]
-
-
-@pytest.mark.slow
-def test_metrics_on_a_full_disk_with_two_processes_stop_both_with_one_line_each(tmp_path):
-    cfg_path, _ = toy_run(tmp_path, "run", batch_size=4,
-                          hooks=[{"name": "ToyEngineMetricsDiskFull", "epoch": 1}])
+                          hooks=[{"name": "ToyEngineDiskFull", "epoch": 1, "what": what}])
     result = launch(tmp_path, cfg_path, "log")
     out = str(tmp_path / "run")
     assert result.returncode == 2
     logs = [open(tmp_path / "log" / f"workerlog.{rank}").read() for rank in (0, 1)]
     assert all("Traceback" not in log and "Error Message Summary" not in log for log in logs)
     errors = [error_line(log) for log in logs]
-    assert errors[0].startswith(f"error: cannot write {out}/metrics.jsonl: {ENOSPC} (")
-    assert errors[1].startswith("error: another process could not write its output (its log "
-                                f"says why); last checkpoint {out}/checkpoints/epoch_1.pd;")
+    assert errors[0].startswith(f"error: cannot write {out}/{failed}: {ENOSPC} (")
+    assert errors[1].startswith(f"error: {others.format(out=out)}; last checkpoint "
+                                f"{out}/checkpoints/epoch_1.pd;")
     assert checkpoints_in(out) == ["epoch_1.pd", "latest.pd"]
 
 

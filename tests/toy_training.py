@@ -199,27 +199,24 @@ def fill_disk(path, partial=b"half a file"):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@HOOKS.register("ToyEngineMetricsDiskFull")
-class ToyEngineMetricsDiskFull(Hook):
-    """From epoch ``epoch`` (0-based) on, every metrics.jsonl append fails with ENOSPC."""
-
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def before_epoch(self, trainer):
-        if trainer.epoch == self.epoch:
-            def full_disk(path, text):
-                raise write_failure(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
-            metrics_log.append_text = full_disk
+def full_metrics_disk(path, text):
+    """A ``metrics_log.append_text`` stand-in for a full disk."""
+    raise write_failure(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
 
 
 @HOOKS.register("ToyEngineDiskFull")
 class ToyEngineDiskFull(Hook):
-    """From epoch ``epoch`` (0-based) on, every checkpoint write fails with ENOSPC."""
+    """From epoch ``epoch`` (0-based) on, every checkpoint write (``what: checkpoint``) or
+    every metrics.jsonl append (``what: metrics``) fails with ENOSPC."""
 
-    def __init__(self, epoch):
+    def __init__(self, epoch, what="checkpoint"):
         self.epoch = epoch
+        self.what = what
 
     def before_epoch(self, trainer):
-        if trainer.epoch == self.epoch:
+        if trainer.epoch != self.epoch:
+            return
+        if self.what == "metrics":
+            metrics_log.append_text = full_metrics_disk
+        else:
             checkpoint.paddle.save = lambda obj, path, *args, **kwargs: fill_disk(path)
