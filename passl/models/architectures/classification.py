@@ -5,9 +5,9 @@ import paddle.nn.functional as F
 
 from passl.errors import ConfigError
 from passl.evaluation.metrics import topk_accuracy
-from passl.models.backbones.resnet import resnet_from_torch
+from passl.models.backbones.resnet import backbone_from_passl_v1, resnet_from_torch
 from passl.models.registry import BACKBONES, MODELS
-from passl.models.torch_names import rename
+from passl.models.torch_names import rename, rename_exact
 
 
 @MODELS.register()
@@ -118,3 +118,15 @@ def classification_from_torch(name):
     """Our Classification name for a reference trunk or linear-classifier tensor, else None."""
     trunk = resnet_from_torch(name)
     return "backbone." + trunk if trunk else rename(CLASSIFIER_NAMES, r"fc.\2", name)
+
+
+# ---------------------------------------------------------------- PASSL v1 weights
+# PASSL v1's Classification (passl/modeling/architectures/clas.py) is backbone.* (ResNetswav,
+# our names) + ClasHead, whose linear layer head.fc_cls.{weight [in, classes], bias} is ours
+# as fc, in the same Paddle layout. Its linear-evaluation checkpoints hold both.
+CLASSIFIER_V1_NAMES = r"head\.fc_cls\.(weight|bias)"
+
+
+def classification_from_passl_v1(name):
+    """Our Classification name for the tensor ``name`` of a PASSL v1 classifier, else None."""
+    return backbone_from_passl_v1(name) or rename_exact(CLASSIFIER_V1_NAMES, r"fc.\1", name)
