@@ -45,8 +45,8 @@ def memory_bank_blocks(cfg):
 def run_knn_eval(cfg, pretrained=None, k=20, temperature=0.07, trust_file=False,
                  engine="dygraph"):
     """Build ``cfg.model``, load ``pretrained`` into its backbone (random init, seeded, without),
-    run kNN with features from ``engine`` (``dygraph`` or ``inference``), append an ``eval``
-    record to ``output_dir/metrics.jsonl``; returns the result.
+    run kNN with features from ``engine`` (``dygraph``, ``inference`` or ``onnxruntime``),
+    append an ``eval`` record to ``output_dir/metrics.jsonl``; returns the result.
 
     ``trust_file``: read ``pretrained`` with ``paddle.load`` (``--trust-file``). The weights
     are read before anything is written to ``output_dir``, so a refused file leaves no trace.
