@@ -140,13 +140,19 @@ class Classification(nn.Layer):
 
 
 def randomise(layer, seed):
-    """Every parameter and BatchNorm statistic random (variances positive), so that a tensor
-    loaded into the wrong place changes the outputs."""
+    """Every parameter and BatchNorm statistic random, so that a tensor loaded into the wrong
+    place changes the outputs; weights scaled by their fan-in and BatchNorm near identity, so
+    that a deep trunk stays finite."""
     rng = np.random.default_rng(seed)
     for name, tensor in layer.state_dict().items():
-        values = rng.standard_normal(tensor.shape).astype("float32") * 0.1
-        if name.endswith("_variance"):
-            values = np.abs(values) + 0.5
+        values = rng.standard_normal(tensor.shape).astype("float32")
+        if len(tensor.shape) >= 2:  # conv [out, in, k, k]; Linear [in, out]
+            fan_in = tensor.shape[0] if len(tensor.shape) == 2 else np.prod(tensor.shape[1:])
+            values /= np.sqrt(fan_in)
+        elif name.endswith(("_variance", "weight")):  # BatchNorm scale and variance
+            values = 1 + 0.1 * np.abs(values)
+        else:
+            values *= 0.1
         tensor.set_value(values)
 
 
@@ -155,7 +161,9 @@ def optimizer_states(model):
     scheduler = paddle.optimizer.lr.CosineAnnealingDecay(learning_rate=0.3, T_max=100)
     optimizer = paddle.optimizer.Momentum(learning_rate=scheduler, momentum=0.9,
                                           parameters=model.parameters(), weight_decay=1e-6)
-    loss = sum(p.sum() for p in model.parameters() if not p.stop_gradient)
+    # zero gradients: the step fills the optimizer's state and leaves the weights as they are
+    # (up to weight decay)
+    loss = sum(p.sum() for p in model.parameters() if not p.stop_gradient) * 0
     loss.backward()
     optimizer.step()
     optimizer.clear_grad()

@@ -18,6 +18,7 @@ import yaml
 
 import passl_v1_reference as v1
 from passl.cli import run_cli
+from passl.config import load_config
 from passl.engine.checkpoint import load_model_weights
 from passl.errors import UserError
 from passl.io.paddle_file import load_paddle_file
@@ -233,3 +234,35 @@ def test_load_names_what_does_not_fit(files):
     """A v1 SwAV checkpoint is no classifier: --load says which tensors miss."""
     with pytest.raises(UserError, match="fc.weight"):
         load_model_weights(MODELS.build(CLASSIFIER), str(files["dir"] / "epoch_3.pdparams"))
+
+
+@pytest.mark.slow
+def test_full_size_resnet50_swav_checkpoint(tmp_path):
+    """v1's own ResNet-50 SwAV (2048-2048-128, 3000 prototypes) saved by its hook: extracted,
+    loaded with --load and --pretrained, and the outputs equal v1's."""
+    paddle.seed(0)
+    swav = v1.SwAV(50, 2048, 128, 3000)
+    v1.randomise(swav, seed=3)
+    checkpoint = tmp_path / "epoch_100.pdparams"
+    v1.save_checkpoint(swav, 100, str(checkpoint))
+    swav.eval()
+    images = paddle.to_tensor(np.random.default_rng(6).standard_normal((2, 3, 96, 96))
+                              .astype("float32"))
+    with paddle.no_grad():
+        expected = [t.numpy() for t in swav.embeddings_and_scores(images)]
+
+    config = load_config(os.path.join(ROOT, "configs", "swav", "swav_r50_100ep.yaml"))
+    model = MODELS.build(config.model)
+    assert load_model_weights(model, str(checkpoint)) == 100
+    for ours, theirs in zip(our_swav_outputs(model, images), expected):
+        assert_close(ours, theirs)
+
+    output = tmp_path / "backbone.pdparams"
+    code, out, err = run_tool("extract_weight", checkpoint, "--output", output,
+                              "--remove_prefix")
+    assert code == 0, err
+    assert "a PASSL v1 SwAV pretraining checkpoint (epoch 100); mapped backbone.* as they are " \
+           "(265), neck.projection_neck.* -> neck.mlp.* (8), head.prototypes.* -> " \
+           "head.heads.0.* (1)" in out
+    backbone = BACKBONES.build({"name": "ResNet", "depth": 50})
+    assert load_pretrained(backbone, str(output))["missing"] == []
