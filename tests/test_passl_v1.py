@@ -9,6 +9,7 @@ loaded into the wrong place changes the compared outputs.
 import contextlib
 import importlib.util
 import io
+import logging
 import os
 
 import numpy as np
@@ -25,6 +26,7 @@ from passl.io.paddle_file import load_paddle_file
 from passl.models import BACKBONES, MODELS
 from passl.models.passl_v1 import model_state, recognise
 from passl.models.weights import load_pretrained
+from passl.utils.logger import get_logger
 from test_cli import assert_one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,10 +232,37 @@ def test_convert_weights_errors(files, tmp_path, case, fragments):
     assert not output.exists()
 
 
-def test_load_names_what_does_not_fit(files):
-    """A v1 SwAV checkpoint is no classifier: --load says which tensors miss."""
-    with pytest.raises(UserError, match="fc.weight"):
+def test_load_says_where_a_v1_file_does_fit(files):
+    """A v1 SwAV checkpoint is no classifier (and the reverse): --load says which tensors
+    miss and which config the file is for."""
+    with pytest.raises(UserError, match=r"SwAV pretraining checkpoint \(epoch 3\) does not "
+                                        r"fill this config's model \(2 tensors missing: "
+                                        r"fc.weight, fc.bias\); it loads into a SwAV config"):
         load_model_weights(MODELS.build(CLASSIFIER), str(files["dir"] / "epoch_3.pdparams"))
+    with pytest.raises(UserError, match="it loads into a Classification config"):
+        load_model_weights(MODELS.build(SWAV), str(files["dir"] / "linear_epoch_100.pdparams"))
+
+
+def test_load_and_pretrained_log_what_they_recognised(files):
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger, level = get_logger(), get_logger().level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        load_model_weights(MODELS.build(CLASSIFIER),
+                           str(files["dir"] / "linear_epoch_100.pdparams"))
+        load_pretrained(BACKBONES.build(dict(RESNET)), str(files["dir"] / "epoch_3.pdparams"))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [record.getMessage() for record in records]
+    assert lines[0].endswith("a PASSL v1 linear-evaluation checkpoint (epoch 100); mapped "
+                             "backbone.* as they are (60), head.fc_cls.* -> fc.* (2)")
+    assert lines[1].endswith("a PASSL v1 SwAV pretraining checkpoint (epoch 3); took "
+                             "backbone.* without the prefix (60); left out the other 9 (not "
+                             "backbone)")
 
 
 @pytest.mark.slow

@@ -356,7 +356,7 @@ def load_model_weights(model, path, trust=False):
     epoch = None
     v1 = passl_v1.recognise(state, f"--load {path}")
     if v1 is not None:
-        (state, recognised), epoch = passl_v1.model_state(v1), v1.epoch
+        (state, recognised), epoch = passl_v1.model_state(v1, model.state_dict()), v1.epoch
         get_logger().info(recognised)
     elif isinstance(state, dict) and state.get("kind") == KIND:
         epoch, state = state.get("epoch"), state["model"]

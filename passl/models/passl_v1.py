@@ -114,14 +114,29 @@ def _unknown_error(v1, unknown):
                      f"(ClasHead) convert")
 
 
-def model_state(v1):
+#: where each kind of v1 file loads whole (``--load``)
+LOADS_INTO = {"swav": "a SwAV config (e.g. configs/swav/swav_r50_100ep.yaml)",
+              "classifier": "a Classification config (e.g. configs/swav/swav_clas_r50.yaml)"}
+
+
+def model_state(v1, expected=None):
     """``(state dict in our names, one line saying what was recognised and mapped)`` of the
-    whole model in ``v1`` (``--load``, ``tools/extract_weight.py``)."""
+    whole model in ``v1`` (``--load``, ``tools/extract_weight.py``).
+
+    ``expected``: the names of the model it must fill; a SwAV file for a classifier (or the
+    reverse) is then refused with the config it does load into.
+    """
     pairs = [(name, our_name(name)) for name in v1.state]
     unknown = [name for name, ours in pairs if ours is None]
     if unknown:
         raise _unknown_error(v1, unknown)
     state = OrderedDict((ours, v1.state[name]) for name, ours in pairs)
+    missing = [name for name in expected or () if name not in state]
+    if missing and v1.kind in LOADS_INTO:
+        shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise UserError(f"{v1.what}: {v1.description()} does not fill this config's model "
+                        f"({len(missing)} tensors missing: {shown}); it loads into "
+                        f"{LOADS_INTO[v1.kind]}, and --pretrained takes its backbone")
     return state, f"{v1.what}: {v1.description()}; mapped {summarise_renames(pairs)}"
 
 
