@@ -19,6 +19,7 @@ to each model (``swav_from_passl_v1``, ``classification_from_passl_v1``,
 """
 from collections import Counter, OrderedDict
 
+import numpy as np
 import paddle
 
 from passl.errors import UserError
@@ -38,13 +39,14 @@ class V1File:
 
     Attributes:
         state: ``{v1 name: tensor}``, the model's state dict as v1 saved it.
-        epoch: epochs trained (checkpoints), else None.
+        epoch: epochs trained (checkpoints that say), else None.
+        checkpoint: a training checkpoint (else a bare state dict).
         kind: ``swav``, ``classifier`` or ``backbone`` (see :data:`KINDS`).
         what: how messages name the file, e.g. ``"--load epoch_100.pdparams"``.
     """
 
-    def __init__(self, state, epoch, what):
-        self.state, self.epoch, self.what = state, epoch, what
+    def __init__(self, state, epoch, what, checkpoint):
+        self.state, self.epoch, self.what, self.checkpoint = state, epoch, what, checkpoint
         names = list(state)
         if any(name.startswith(("neck.projection_neck.", "head.prototypes.")) for name in names):
             self.kind = "swav"
@@ -55,7 +57,7 @@ class V1File:
 
     def description(self):
         """``a PASSL v1 SwAV pretraining checkpoint (epoch 100)`` and the like."""
-        container = "checkpoint" if self.epoch is not None else "state dict"
+        container = "checkpoint" if self.checkpoint else "state dict"
         epoch = f" (epoch {self.epoch})" if self.epoch is not None else ""
         return f"a PASSL v1 {KINDS[self.kind]} {container}{epoch}"
 
@@ -72,9 +74,10 @@ def recognise(obj, what):
         return None
     if isinstance(obj.get("state_dict"), dict):
         epoch = obj.get("epoch")
-        return V1File(obj["state_dict"], int(epoch) if isinstance(epoch, int) else None, what)
+        return V1File(obj["state_dict"], epoch if isinstance(epoch, int) else None, what,
+                      checkpoint=True)
     if any(isinstance(name, str) and name.startswith(V1_ONLY_PREFIXES) for name in obj):
-        return V1File(obj, None, what)
+        return V1File(obj, None, what, checkpoint=False)
     return None
 
 
@@ -181,11 +184,13 @@ def convert_v1_weights(v1, target, model_cfg, config):
     Returns:
         ``(state to paddle.save in the model's order, one line saying what was mapped)``.
     """
+    # imported here: torch_weights imports passl.models.weights, which imports this module
     from passl.models.torch_weights import check_fits, expected_shapes
     converted, mapped, left_out = map_for_target(v1, target)
     shapes = expected_shapes(model_cfg, target)
     check_fits(converted, mapped, shapes, target, model_cfg, config)
-    state = OrderedDict((name, paddle.to_tensor(converted[name])) for name in shapes)
+    state = OrderedDict((name, paddle.to_tensor(np.asarray(converted[name])))
+                        for name in shapes)
     dropped = "".join(f"; left out {len(names)} {reason}" for reason, names in left_out.items())
     return state, (f"{v1.what}: {v1.description()}; mapped {summarise_renames(mapped)}"
                    f"{dropped}")
