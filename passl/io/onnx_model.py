@@ -133,7 +133,9 @@ def check_onnx_model(path):
         raise UserError(f"{what}: refused: operators outside the standard ONNX domain "
                         f"({listed}) would run custom kernels; only standard ONNX operators "
                         f"are run here")
-    directory = os.path.dirname(os.path.realpath(path))
+    # the runtime joins locations to the folder the model is opened from (not to where a
+    # symlinked model file points)
+    directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     for tensor in tensors:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
