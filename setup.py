@@ -1,4 +1,5 @@
-"""Install with `pip install -e .` (CPU) or `pip install -e .[dev]` (adds the test tools).
+"""Install with `pip install -e .` (CPU) or `pip install -e .[dev]` (adds the test tools);
+`pip install -e .[onnx]` adds ONNX export and onnxruntime.
 
 GPU users install paddlepaddle-gpu first and set PASSL_PADDLE=paddlepaddle-gpu so
 that this package does not pull in the CPU wheel (see README).
@@ -16,6 +17,9 @@ def requirements():
             for line in lines if line]
 
 
+#: ONNX export (tools/export_model.py --format onnx) and running .onnx files
+ONNX = ["paddle2onnx>=2.0", "onnxruntime>=1.16", "onnx>=1.15"]
+
 setup(
     name="passl-swav",
     version="0.1.0",
@@ -24,8 +28,10 @@ setup(
     packages=find_packages(include=["passl", "passl.*"]),
     install_requires=requirements(),
     extras_require={
-        "dev": ["pytest>=7.0", "scipy>=1.10", "matplotlib>=3.7"],  # the tests plot too
+        # the tests plot, and run ONNX export/inference (~40 MB of wheels) so CI covers it
+        "dev": ["pytest>=7.0", "scipy>=1.10", "matplotlib>=3.7", *ONNX],
         "plot": ["matplotlib>=3.7"],
+        "onnx": ONNX,
         "visualdl": ["visualdl>=2.5"],
     },
 )

@@ -8,15 +8,18 @@ by side mean something). Paddle variants run in this process:
     paddle-inference           paddle.jit.save + Paddle Inference, plain CPU kernels
     paddle-inference-onednn    the same with oneDNN (float32)
     paddle-inference-bf16      oneDNN bfloat16 (only on CPUs with AVX512-BF16; not exact)
+    onnxruntime                the same graph converted by paddle2onnx, run by onnxruntime
+                               (only with the ``[onnx]`` extra; skipped with a note otherwise)
 
 PyTorch variants (``benchmarks/torch_infer_worker.py``: eager, channels-last,
 traced+frozen) run in a subprocess of ``--torch-python`` (default: this interpreter) and
 are skipped, with a note, when that Python has no torch. Rounds alternate Paddle and
 PyTorch (order reversed every other round); each variant reports the median step.
 
-Every Paddle variant's output is compared with dygraph (max relative difference); a float32
-variant within ``EXACT`` counts as exact. JSON (last line): ``images_per_s`` of the fastest
-exact float32 variant, named in ``variant``; ``baseline_images_per_s`` of PyTorch eager
+Every Paddle and ONNX variant's output is compared with dygraph (max relative difference,
+``relative_difference``: 0 for dygraph itself, null for PyTorch, which runs its own random
+weights); a float32 variant within ``EXACT`` counts as exact. JSON (last line): ``images_per_s``
+of the fastest exact float32 Paddle variant, named in ``variant``; ``baseline_images_per_s`` of PyTorch eager
 (``paddle-dygraph`` when torch is absent, named in ``baseline``) and ``ratio`` between them;
 ``vs_torch_best`` against PyTorch's fastest float32 variant; ``variants`` with every number.
 """
@@ -89,7 +92,24 @@ def paddle_runners(args):
         for name, extra in options.items():  # each predictor reads the files when created
             runners[name] = InferenceEngine(graph, params, device="cpu", threads=args.threads,
                                             **extra)
+        onnx_runner = onnx_runtime_runner(graph, params, directory, args.threads)
+        if onnx_runner:
+            runners["onnxruntime"] = onnx_runner
     return runners
+
+
+def onnx_runtime_runner(graph, params, directory, threads):
+    """The onnxruntime variant, or None (with a note) without the ``[onnx]`` extra."""
+    from passl.deploy.onnx_runtime import OnnxEngine, paddle_to_onnx, require
+    from passl.errors import UserError
+    try:
+        require("paddle2onnx", "the onnxruntime variant")
+        require("onnxruntime", "the onnxruntime variant")
+    except UserError as missing:
+        print(f"onnxruntime variant skipped: {missing}", flush=True)
+        return None
+    path = paddle_to_onnx(graph, params, os.path.join(directory, "model.onnx"))
+    return OnnxEngine(path, device="cpu", threads=threads)
 
 
 def relative_difference(actual, expected):
@@ -144,8 +164,7 @@ def summarise(steps, errors, batch_size):
     for name, times in steps.items():
         entry = {"images_per_s": round(batch_size / statistics.median(times), 3),
                  "rounds_images_per_s": [round(batch_size / t, 3) for t in times]}
-        if name in errors:
-            entry["relative_difference"] = errors[name]
+        entry["relative_difference"] = errors.get(name)
         variants[name] = entry
     return variants
 
@@ -154,7 +173,7 @@ def headline(variants):
     """The JSON contract keys from the per-variant numbers (see module docstring)."""
     exact = {name: v for name, v in variants.items()
              if name.startswith("paddle") and "bf16" not in name
-             and v.get("relative_difference", 0.0) <= EXACT}
+             and (v.get("relative_difference") or 0.0) <= EXACT}
     best = max(exact, key=lambda name: exact[name]["images_per_s"])
     baseline = "torch-eager" if "torch-eager" in variants else "paddle-dygraph"
     summary = {"images_per_s": variants[best]["images_per_s"], "variant": best,
@@ -180,7 +199,7 @@ def main(args):
     runners = paddle_runners(args)
     reference = runners["paddle-dygraph"](images)
     errors = {name: relative_difference(run(images), reference)
-              for name, run in runners.items() if name != "paddle-dygraph"}
+              for name, run in runners.items()}
     with_torch = torch_available(args.torch_python)
     if not with_torch:
         print(f"PyTorch variants skipped: no torch in {args.torch_python} "

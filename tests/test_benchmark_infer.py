@@ -59,5 +59,10 @@ def test_ci_sized_run_without_torch(capsys):
                                        "paddle-inference-onednn"}
     for name in ("paddle-inference", "paddle-inference-onednn"):
         assert result["variants"][name]["relative_difference"] <= EXACT
+    assert result["variants"]["paddle-dygraph"]["relative_difference"] == 0.0
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("paddle2onnx"):
+        assert result["variants"]["onnxruntime"]["relative_difference"] <= 1e-4
+    else:
+        assert "onnxruntime variant skipped: " in out
     if "paddle-inference-bf16" in result["variants"]:  # CPUs with AVX512-BF16
         assert 0 < result["variants"]["paddle-inference-bf16"]["relative_difference"] < 0.1

@@ -240,7 +240,8 @@ def test_knn_with_the_inference_engine_matches_dygraph(digits):
     fast_queries, _ = extract_features(model, loaders[1],
                                        features_of=feature_function(model, "inference"))
     assert relative_difference(fast_queries.numpy(), queries.numpy()) <= 1e-5
-    with pytest.raises(UserError, match="kNN engine 'onnx': expected one of dygraph, inference"):
+    with pytest.raises(UserError, match="kNN engine 'onnx': expected one of dygraph, "
+                                        "inference, onnxruntime"):
         feature_function(model, "onnx")
 
 

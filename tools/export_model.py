@@ -1,13 +1,18 @@
-"""Export a trained model for Paddle Inference: static graph + weights + preprocessing.
+"""Export a trained model for Paddle Inference or ONNX: graph + weights + preprocessing.
 
     python tools/export_model.py -c configs/swav/swav_clas_r18_digits.yaml \
         --load output/swav_clas_r18_digits/checkpoints/latest.pd --output inference/digits
     python tools/export_model.py -c configs/swav/swav_clas_r50.yaml \
         --pretrained backbone.pdparams --output inference/r50_features
 
+    python tools/export_model.py -c configs/swav/swav_clas_r50.yaml \
+        --pretrained backbone.pdparams --output inference/r50_onnx --format onnx
+
 --load exports the classifier (logits, class names from the training set); --pretrained
 exports the backbone (pooled features). The directory is what tools/predict.py runs; its
 inference.yml holds the config's val transforms, so inference needs no training config.
+--format onnx writes model.onnx (for onnxruntime and any ONNX runtime) instead of the Paddle
+graph and weights, beside the same inference.yml.
 """
 import os
 import sys
@@ -31,6 +36,11 @@ def parse_args(argv):
                              "with --load of a classifier, else features)")
     parser.add_argument("--batch-size", type=int, metavar="B",
                         help="fixed batch size (default: dynamic)")
+    parser.add_argument("--format", dest="model_format", choices=("paddle", "onnx"),
+                        default="paddle",
+                        help="paddle: a Paddle Inference graph + weights (default); onnx: "
+                             "model.onnx for onnxruntime and other ONNX runtimes (needs "
+                             "pip install -e \".[onnx]\")")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
     return parser.parse_args(argv)
 
@@ -41,9 +51,12 @@ def main(argv=None):
         if path and not os.path.isfile(path):
             raise UserError(f"{flag} {path}: file not found")
     cfg = load_run_config(args)
+    from passl.utils.logger import setup_logger
+    setup_logger()  # the one-line notes of loading (e.g. a PASSL v1 file) on the console
     from passl.deploy.export import export_model
     result = export_model(cfg, args.output, pretrained=args.pretrained, load=args.load,
-                          what=args.what, batch_size=args.batch_size, overwrite=args.overwrite)
+                          what=args.what, batch_size=args.batch_size, overwrite=args.overwrite,
+                          model_format=args.model_format)
     classes = f", {result['classes']} class names" if result["classes"] else ""
     print(f"exported {result['output']} for input {result['input_shape']} to {args.output} "
           f"({os.path.basename(result['meta'])}{classes}); max relative difference to "

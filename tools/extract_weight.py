@@ -14,7 +14,8 @@ from passl.cli import ArgumentParser, add_trust_file_argument, run_cli  # noqa: 
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint", help="a training checkpoint (checkpoints/epoch_N.pd or latest.pd)")
+    parser.add_argument("checkpoint", help="a training checkpoint (checkpoints/epoch_N.pd or "
+                                           "latest.pd; a PASSL v1 epoch_N.pdparams too)")
     parser.add_argument("--output", required=True, help="weights file to write, ending in .pdparams")
     parser.add_argument("--prefix", default="backbone",
                         help="keep the model tensors named PREFIX.* (default: backbone)")
@@ -29,6 +30,8 @@ def main(argv=None):
     from passl.models.weights import extract_weights
     written = extract_weights(args.checkpoint, args.output, args.prefix, args.remove_prefix,
                               trust=args.trust_file)
+    if written["recognised"]:
+        print(written["recognised"])
     print(f"wrote {written['tensors']} tensors ({written['values']:,} values) "
           f"under '{args.prefix}.' to {written['output']}")
     return 0

@@ -26,10 +26,12 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=0.07,
                         help="vote weight exp(similarity / T) (default 0.07)")
     add_trust_file_argument(parser)
-    parser.add_argument("--engine", choices=("dygraph", "inference"), default="dygraph",
-                        help="compute the features with the dygraph model (default) or a Paddle "
-                             "Inference predictor of it (same features to ~1e-6, faster for "
-                             "large models and sets)")
+    parser.add_argument("--engine", choices=("dygraph", "inference", "onnxruntime"),
+                        default="dygraph",
+                        help="compute the features with the dygraph model (default), a Paddle "
+                             "Inference predictor of it or an onnxruntime session of its ONNX "
+                             "conversion (same features to ~1e-6, faster for large models and "
+                             "sets; onnxruntime needs pip install -e \".[onnx]\")")
     return parser.parse_args(argv)
 
 

@@ -3,7 +3,8 @@
     python tools/predict.py inference/digits img1.png img2.png --topk 3
     python tools/predict.py inference/r50_features photos/ --features features.npy
 
-A classifier export prints one line per image: the file, then the top-k class names with
+Either kind of export runs: a Paddle one with Paddle Inference, an ONNX one (--format onnx)
+with onnxruntime; the output is the same. A classifier export prints one line per image: the file, then the top-k class names with
 their probabilities. --features OUT.npy writes the model's outputs instead (pooled features
 for a backbone export, logits for a classifier), one float32 row per image, and the image
 paths in row order to OUT.txt. Unreadable images are reported by name and skipped.
@@ -19,7 +20,8 @@ from passl.errors import UserError  # noqa: E402
 
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model_dir", metavar="DIR", help="directory written by export_model.py")
+    parser.add_argument("model_dir", metavar="DIR",
+                        help="directory written by export_model.py (Paddle or --format onnx)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     parser.add_argument("--topk", type=int, default=5, help="classes printed per image (5)")
     parser.add_argument("--features", metavar="OUT.npy",
@@ -27,7 +29,8 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=16,
                         help="images per run for a dynamic-batch export (16)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"),
-                        help="Paddle Inference device (auto: GPU when Paddle sees one)")
+                        help="Paddle Inference or onnxruntime device (auto: GPU when the "
+                             "runtime sees one)")
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
                         help="bfloat16: oneDNN on CPUs with AVX512-BF16, ~2x faster, "
                              "~1e-2 relative error (default float32)")

@@ -1,4 +1,5 @@
-"""Run a static graph with Paddle Inference, and compile a dygraph layer into one.
+"""Run a static graph with Paddle Inference, and compile a dygraph layer into one (or into
+an onnxruntime session: :mod:`passl.deploy.onnx_runtime`).
 
 Paddle Inference fuses convolution + BatchNorm + activation and, on CPU, runs oneDNN
 kernels; for a ResNet-50 forward pass that is about twice dygraph's speed on this
@@ -124,10 +125,23 @@ def save_static(layer, prefix, input_shape, input_name="images"):
     return graph, prefix + ".pdiparams"
 
 
-def compile_layer(layer, input_shape, **engine_options):
-    """An :class:`InferenceEngine` running ``layer``'s current weights (a frozen copy: later
-    changes to ``layer`` are not seen). The graph goes through a temporary directory."""
+#: what compiles a layer: Paddle Inference, or onnxruntime on its ONNX conversion
+COMPILED_ENGINES = ("inference", "onnxruntime")
+
+
+def compile_layer(layer, input_shape, engine="inference", **engine_options):
+    """An engine running ``layer``'s current weights (a frozen copy: later changes to
+    ``layer`` are not seen): an :class:`InferenceEngine`, or with ``engine="onnxruntime"`` an
+    :class:`~passl.deploy.onnx_runtime.OnnxEngine` on the graph converted by paddle2onnx.
+    The files go through a temporary directory."""
+    if engine not in COMPILED_ENGINES:
+        raise UserError(f"engine {engine!r}: expected one of {', '.join(COMPILED_ENGINES)}")
     with tempfile.TemporaryDirectory(prefix="passl-compile-") as directory:
         graph, params = save_static(layer, model_prefix(directory), input_shape)
-        # the predictor reads both files when it is created, so the directory may go
+        # an engine reads its files when it is created, so the directory may go
+        if engine == "onnxruntime":
+            from passl.deploy.onnx_runtime import OnnxEngine, paddle_to_onnx
+            return OnnxEngine(paddle_to_onnx(graph, params, os.path.join(directory,
+                                                                         "model.onnx")),
+                              **engine_options)
         return InferenceEngine(graph, params, **engine_options)

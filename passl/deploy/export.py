@@ -6,6 +6,9 @@ What is exported:
     ``features``  the backbone alone: pooled features ``[B, C]`` for retrieval, clustering
                   or kNN. The default with ``--pretrained`` (backbone weights only).
 
+Formats: ``paddle`` (a Paddle Inference graph + weights) or ``onnx`` (``model.onnx`` for any
+ONNX runtime); both with the same ``inference.yml``.
+
 Preprocessing is the config's ``dataloader.val.dataset.transforms``. When they do not fix the
 image size (the digits demo feeds ready-made 32 px images) a ``Resize`` to the val images'
 size is put in front, so any image file comes out at the model's input size.
@@ -13,6 +16,7 @@ size is put in front, so any image file comes out at the model's input size.
 import copy
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import paddle
@@ -24,6 +28,7 @@ from passl.deploy.engine import InferenceEngine, ModelFeatures, eval_mode, save_
 from passl.engine.checkpoint import load_model_weights
 from passl.errors import ConfigError, UserError
 from passl.io.inference_model import META_FILE, OUTPUTS, model_prefix, write_meta
+from passl.io.onnx_model import ONNX_FILE
 from passl.io.safe_write import OutputWriteError, reporting_write_errors
 from passl.models import MODELS
 from passl.models.weights import load_pretrained
@@ -31,8 +36,9 @@ from passl.utils.logger import get_logger
 
 # Two unrelated image sizes: a pipeline that maps both to one shape fixes the input size.
 PROBE_SIZES = ((37, 53), (300, 200))
-# How far the exported graph may be from dygraph before export refuses it (relative).
-MAX_RELATIVE_ERROR = 1e-5
+#: format -> how far the exported model may be from dygraph before export refuses it
+#: (relative; onnxruntime fuses and orders float32 sums its own way)
+MAX_RELATIVE_ERROR = {"paddle": 1e-5, "onnx": 1e-4}
 
 
 class ClassifierLogits(paddle.nn.Layer):
@@ -120,24 +126,38 @@ def relative_error(actual, expected):
     return float(np.abs(actual - expected).max() / max(float(np.abs(expected).max()), 1e-12))
 
 
-def _write_export(output_dir, layer, input_shape, what, transforms, names):
+def _write_model(output_dir, layer, input_shape, model_format):
+    """The model files of ``model_format`` in ``output_dir``; returns a function that makes
+    an engine running them (on CPU)."""
+    if model_format == "paddle":
+        graph, params = save_static(layer, model_prefix(output_dir), input_shape)
+        return lambda: InferenceEngine(graph, params, device="cpu")
+    from passl.deploy.onnx_runtime import OnnxEngine, paddle_to_onnx
+    with tempfile.TemporaryDirectory(prefix="passl-export-") as scratch:
+        graph, params = save_static(layer, model_prefix(scratch), input_shape)
+        path = paddle_to_onnx(graph, params, os.path.join(output_dir, ONNX_FILE))
+    return lambda: OnnxEngine(path, device="cpu")
+
+
+def _write_export(output_dir, layer, input_shape, what, transforms, names, model_format):
     """The inference directory, whole or not at all: a failed write (e.g. a full disk) is one
-    OutputWriteError, and a directory this call created is removed again."""
+    OutputWriteError, and a directory this call created is removed again (also when the
+    ONNX conversion fails)."""
     created = not os.path.exists(output_dir)
     try:
         with reporting_write_errors(output_dir):
             os.makedirs(output_dir, exist_ok=True)
-            graph, params = save_static(layer, model_prefix(output_dir), input_shape)
+            make_engine = _write_model(output_dir, layer, input_shape, model_format)
             write_meta(output_dir, what, input_shape, transforms, names)
-    except OutputWriteError:
+    except UserError:
         if created:
             shutil.rmtree(output_dir, ignore_errors=True)
         raise
-    return graph, params
+    return make_engine
 
 
 def export_model(cfg, output_dir, pretrained=None, load=None, what=None, batch_size=None,
-                 overwrite=False):
+                 overwrite=False, model_format="paddle"):
     """Build ``cfg.model``, load the weights, write the inference directory ``output_dir``.
 
     Args:
@@ -146,6 +166,8 @@ def export_model(cfg, output_dir, pretrained=None, load=None, what=None, batch_s
         what: ``features`` or ``logits``; None picks logits for ``--load`` of a model with a
             classifier, else features.
         batch_size: a fixed batch size; None exports a dynamic batch dimension.
+        model_format: ``paddle`` (a Paddle Inference graph and weights) or ``onnx``
+            (``model.onnx``, converted by paddle2onnx; the ``[onnx]`` extra).
 
     Returns:
         ``{'output': what, 'input_shape': [...], 'relative_error': vs dygraph, 'classes': n}``.
@@ -158,6 +180,13 @@ def export_model(cfg, output_dir, pretrained=None, load=None, what=None, batch_s
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: expected a positive integer (or leave it "
                         f"out for a dynamic batch)")
+    if model_format not in MAX_RELATIVE_ERROR:
+        raise UserError(f"--format {model_format}: expected one of "
+                        f"{', '.join(MAX_RELATIVE_ERROR)}")
+    if model_format == "onnx":  # before any work: say at once what is missing
+        from passl.deploy.onnx_runtime import require
+        require("paddle2onnx", "--format onnx")
+        require("onnxruntime", "--format onnx")
     _check_output_dir(output_dir, overwrite)
     model = MODELS.build(cfg.get("model"))
     if load:
@@ -174,14 +203,16 @@ def export_model(cfg, output_dir, pretrained=None, load=None, what=None, batch_s
     names = class_names(cfg) if what == "logits" else None
 
     input_shape = [batch_size or -1, *chw]
-    graph, params = _write_export(output_dir, layer, input_shape, what, transforms, names)
+    make_engine = _write_export(output_dir, layer, input_shape, what, transforms, names,
+                                model_format)
 
     probe = np.random.default_rng(0).standard_normal((batch_size or 2, *chw)).astype("float32")
     with eval_mode(layer), paddle.no_grad():
         expected = layer(paddle.to_tensor(probe)).numpy()
-    error = relative_error(InferenceEngine(graph, params, device="cpu")(probe), expected)
-    if error > MAX_RELATIVE_ERROR:
+    error = relative_error(make_engine()(probe), expected)
+    limit = MAX_RELATIVE_ERROR[model_format]
+    if error > limit:
         raise UserError(f"--output {output_dir}: the exported model differs from dygraph by "
-                        f"{error:.2e} relative (limit {MAX_RELATIVE_ERROR:g}); please report it")
+                        f"{error:.2e} relative (limit {limit:g}); please report it")
     return {"output": what, "input_shape": input_shape, "relative_error": error,
             "classes": len(names) if names else 0, "meta": os.path.join(output_dir, META_FILE)}

@@ -14,6 +14,7 @@ from passl.data.transforms import build_pipeline
 from passl.deploy.engine import InferenceEngine
 from passl.errors import UserError
 from passl.io.inference_model import read_model_dir
+from passl.io.onnx_model import is_onnx_dir, read_onnx_dir
 
 
 def list_images(inputs):
@@ -51,16 +52,25 @@ def softmax(logits):
 
 
 class Predictor:
-    """An exported model directory, ready to run: its engine and its preprocessing."""
+    """An exported model directory, ready to run: its engine (Paddle Inference, or
+    onnxruntime for an ONNX export) and its preprocessing."""
 
     def __init__(self, model_dir, device="auto", batch_size=16, precision="float32"):
-        graph, params, self.meta = read_model_dir(model_dir)
+        if is_onnx_dir(model_dir):
+            if precision != "float32":
+                raise UserError(f"--precision {precision}: an ONNX export runs in float32 "
+                                f"with onnxruntime")
+            from passl.deploy.onnx_runtime import OnnxEngine
+            path, self.meta = read_onnx_dir(model_dir)
+            self.engine = OnnxEngine(path, device=device)
+        else:
+            graph, params, self.meta = read_model_dir(model_dir)
+            self.engine = InferenceEngine(graph, params, device=device, precision=precision)
         self.input_shape = list(self.meta["input"]["shape"])
         fixed_batch = self.input_shape[0]
         self.batch_size = fixed_batch if fixed_batch > 0 else batch_size
         self.transform = build_pipeline(self.meta["transforms"])
         self.class_names = self.meta.get("class_names")
-        self.engine = InferenceEngine(graph, params, device=device, precision=precision)
 
     def preprocess(self, image):
         out = self.transform(image, np.random.default_rng(0))

@@ -45,6 +45,8 @@ from passl.engine import world_change
 from passl.errors import UserError
 from passl.io.paddle_file import load_paddle_file
 from passl.io.safe_write import OutputWriteError, reporting_write_errors
+from passl.models import passl_v1
+from passl.utils.logger import get_logger
 
 KIND = "passl-training-checkpoint"
 VERSION = 1
@@ -345,13 +347,18 @@ def _check_model_keys(model, saved, path):
 
 
 def load_model_weights(model, path, trust=False):
-    """``--load``: the full model state from a training checkpoint or a model state dict.
+    """``--load``: the full model state from a training checkpoint or a model state dict
+    (ours, or PASSL v1's: :mod:`passl.models.passl_v1`).
 
     Returns the epochs the checkpoint had trained, or None for a plain state dict.
     """
     state = load_paddle_file(path, "--load", trust)
     epoch = None
-    if isinstance(state, dict) and state.get("kind") == KIND:
+    v1 = passl_v1.recognise(state, f"--load {path}")
+    if v1 is not None:
+        (state, recognised), epoch = passl_v1.model_state(v1, model.state_dict()), v1.epoch
+        get_logger().info(recognised)
+    elif isinstance(state, dict) and state.get("kind") == KIND:
         epoch, state = state.get("epoch"), state["model"]
     if not isinstance(state, dict):
         raise UserError(f"--load {path}: expected a checkpoint or a model state dict")

@@ -15,8 +15,9 @@ from passl.evaluation.metrics import TopKEvaluator
 
 # Queries scored against the whole bank at once: bounds the [queries, bank] similarity matrix.
 QUERY_CHUNK = 1024
-#: how features are computed: the dygraph model, or a Paddle Inference predictor of it
-ENGINES = ("dygraph", "inference")
+#: how features are computed: the dygraph model, or a Paddle Inference predictor or an
+#: onnxruntime session of it
+ENGINES = ("dygraph", "inference", "onnxruntime")
 
 
 def gather_rows(tensor):
@@ -40,13 +41,14 @@ def feature_function(model, engine="dygraph"):
     Paddle Inference predictor (oneDNN on CPU; a frozen copy of the current weights), which
     gives the same features to ~1e-6 relative and is about twice as fast for a ResNet-50
     (docs/benchmarks.md), but costs a few seconds to compile: worth it for large sets.
+    ``onnxruntime`` does the same through an ONNX conversion (needs the ``[onnx]`` extra).
     """
     if engine not in ENGINES:
         raise UserError(f"kNN engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if engine == "dygraph":
         return model.extract_features
     from passl.deploy.engine import ModelFeatures, compile_layer
-    predictor = compile_layer(ModelFeatures(model), [-1, 3, -1, -1])
+    predictor = compile_layer(ModelFeatures(model), [-1, 3, -1, -1], engine=engine)
     return lambda images: paddle.to_tensor(predictor(images.numpy()))
 
 

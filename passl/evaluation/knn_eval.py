@@ -15,7 +15,7 @@ from passl.evaluation.knn import knn_evaluate
 from passl.models import MODELS
 from passl.models.weights import load_pretrained
 from passl.runtime import configure_cpu_threads, seed_everything, select_device
-from passl.utils.logger import setup_logger
+from passl.utils.logger import open_log_file, setup_logger
 
 
 def deterministic_block(block, transforms=None):
@@ -45,8 +45,8 @@ def memory_bank_blocks(cfg):
 def run_knn_eval(cfg, pretrained=None, k=20, temperature=0.07, trust_file=False,
                  engine="dygraph"):
     """Build ``cfg.model``, load ``pretrained`` into its backbone (random init, seeded, without),
-    run kNN with features from ``engine`` (``dygraph`` or ``inference``), append an ``eval``
-    record to ``output_dir/metrics.jsonl``; returns the result.
+    run kNN with features from ``engine`` (``dygraph``, ``inference`` or ``onnxruntime``),
+    append an ``eval`` record to ``output_dir/metrics.jsonl``; returns the result.
 
     ``trust_file``: read ``pretrained`` with ``paddle.load`` (``--trust-file``). The weights
     are read before anything is written to ``output_dir``, so a refused file leaves no trace.
@@ -62,9 +62,11 @@ def run_knn_eval(cfg, pretrained=None, k=20, temperature=0.07, trust_file=False,
     if not hasattr(model, "extract_features"):
         raise UserError(f"model: {type(model).__name__} has no extract_features(); kNN needs "
                         f"an architecture with a backbone (e.g. Classification)")
+    # the log waits in memory until the weights are read (a refused file leaves no trace)
+    logger = setup_logger(output_dir, rank, filename="knn_eval.log", defer_file=True)
     if pretrained:
         load_pretrained(model.backbone, pretrained, trust=trust_file)
-    logger = setup_logger(output_dir, rank, filename="knn_eval.log")
+    open_log_file(output_dir, rank, filename="knn_eval.log")
     if pretrained:
         logger.info(f"backbone weights loaded from {pretrained}")
     else:

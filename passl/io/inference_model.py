@@ -1,7 +1,8 @@
 """The exported-model directory: a static graph, its weights and ``inference.yml``.
 
 ``tools/export_model.py`` writes, and ``tools/predict.py`` (or any Paddle Inference user)
-reads, one directory::
+reads, one directory (``--format onnx`` writes ``model.onnx`` instead of the graph and
+weights: :mod:`passl.io.onnx_model`)::
 
     model.json         the static graph (paddle.jit.save; ``model.pdmodel`` in old Paddle)
     model.pdiparams    its weights
@@ -81,6 +82,12 @@ def read_model_dir(directory):
     if missing:
         raise UserError(f"model dir {directory}: no {', '.join(missing)}; not an exported "
                         f"model; {fix}")
+    return graph, params, read_meta(directory)
+
+
+def read_meta(directory):
+    """The checked ``inference.yml`` of an export directory (Paddle or ONNX) as a dict."""
+    meta_path = os.path.join(directory, META_FILE)
     try:
         with open(meta_path) as f:
             meta = yaml.safe_load(f)
@@ -98,4 +105,4 @@ def read_model_dir(directory):
     if meta["output"] not in OUTPUTS:
         raise UserError(f"{meta_path}: output {meta['output']!r} is not one of "
                         f"{', '.join(OUTPUTS)}; re-export the model")
-    return graph, params, meta
+    return meta

@@ -22,10 +22,17 @@ def paddle_leaf(name):
     return f"{layer}.{BATCHNORM_BUFFERS.get(leaf, leaf)}" if layer else name
 
 
-def rename(pattern, replacement, name):
-    """``replacement`` with the groups of ``pattern`` when it matches all of ``name``, else None."""
+def rename_exact(pattern, replacement, name):
+    """``replacement`` with the groups of ``pattern`` when it matches all of ``name``, else None
+    (leaf names as they are: what files already in Paddle's layout, PASSL v1's, need)."""
     match = re.fullmatch(pattern, name)
-    return paddle_leaf(match.expand(replacement)) if match else None
+    return match.expand(replacement) if match else None
+
+
+def rename(pattern, replacement, name):
+    """:func:`rename_exact`, then PyTorch's BatchNorm buffer names made Paddle's."""
+    renamed = rename_exact(pattern, replacement, name)
+    return paddle_leaf(renamed) if renamed else None
 
 
 def paddle_layout(array):

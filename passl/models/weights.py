@@ -15,6 +15,7 @@ from passl.engine.checkpoint import KIND as CHECKPOINT_KIND, write_atomic
 from passl.errors import UserError
 from passl.io.paddle_file import load_paddle_file
 from passl.io.safe_write import reporting_write_errors
+from passl.models import passl_v1
 from passl.utils.logger import get_logger
 
 WEIGHTS_SUFFIX = ".pdparams"
@@ -39,9 +40,14 @@ def read_checkpoint(path, trust=False):
     """The training checkpoint dict at ``path`` (``epoch_N.pd``, or ``latest.pd`` linking to one).
 
     Accepts any ``paddle.save`` dict with a ``'model'`` state dict; one carrying the engine's
-    ``kind`` marker must be a training checkpoint.
+    ``kind`` marker must be a training checkpoint. A PASSL v1 file comes back in our names,
+    with ``'recognised'``: one line saying what it was (:mod:`passl.models.passl_v1`).
     """
     checkpoint = load_paddle_file(path, "checkpoint", trust)
+    v1 = passl_v1.recognise(checkpoint, f"checkpoint {path}")
+    if v1 is not None:
+        model, recognised = passl_v1.model_state(v1)
+        return {"model": model, "epoch": v1.epoch, "recognised": recognised}
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise UserError(f"checkpoint {path}: not a training checkpoint (no 'model' state dict; "
                         f"weights files are already extracted); pass "
@@ -70,24 +76,31 @@ def extract_weights(checkpoint_path, output_path, prefix="backbone", remove_pref
     at all: a failed write, e.g. a full disk, is one OutputWriteError and leaves no file).
 
     Returns:
-        ``{'tensors': count, 'values': total number of scalars, 'output': output_path}``.
+        ``{'tensors': count, 'values': total number of scalars, 'output': output_path,
+        'recognised': what a PASSL v1 file was, else None}``.
     """
     if not output_path.endswith(WEIGHTS_SUFFIX):
         raise UserError(f"--output {output_path}: weights files end in {WEIGHTS_SUFFIX} "
                         f"(e.g. --output backbone{WEIGHTS_SUFFIX})")
-    model_state = read_checkpoint(checkpoint_path, trust)["model"]
-    weights = select_prefix(model_state, prefix, remove_prefix)
+    checkpoint = read_checkpoint(checkpoint_path, trust)
+    weights = select_prefix(checkpoint["model"], prefix, remove_prefix)
     with reporting_write_errors(output_path):
         os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
         write_atomic(weights, output_path)
     return {"tensors": len(weights),
             "values": sum(num_values(t) for t in weights.values()),
-            "output": output_path}
+            "output": output_path, "recognised": checkpoint.get("recognised")}
 
 
 def read_weights(path, trust=False):
-    """The flat state dict of a ``.pdparams`` weights file."""
+    """The flat state dict of a ``.pdparams`` weights file (the backbone of a PASSL v1
+    checkpoint or model, renamed and logged in one line)."""
     weights = load_paddle_file(path, "weights", trust)
+    v1 = passl_v1.recognise(weights, f"weights {path}")
+    if v1 is not None:
+        weights, recognised = passl_v1.backbone_state(v1)
+        get_logger().info(recognised)
+        return weights
     if isinstance(weights, dict) and isinstance(weights.get("model"), dict):
         raise UserError(f"weights {path}: this is a training checkpoint, not a weights file; "
                         f"extract the backbone first: python tools/extract_weight.py {path} "

@@ -23,10 +23,10 @@ class KNNHook(Hook):
         val: dataloader block of the queries.
         k: neighbours that vote (20 in the InstDisc/DINO protocol).
         temperature: votes are weighted ``exp(cosine similarity / temperature)``.
-        engine: ``dygraph`` (default) or ``inference``: features from a Paddle Inference
-            predictor compiled from the model at each evaluation (same to ~1e-6 relative;
-            faster for a ResNet-50 on large sets, slower for small ones: compiling takes
-            seconds).
+        engine: ``dygraph`` (default), ``inference`` or ``onnxruntime``: features from a
+            Paddle Inference predictor (or an onnxruntime session, the ``[onnx]`` extra)
+            compiled from the model at each evaluation (same to ~1e-6 relative; faster for a
+            ResNet-50 on large sets, slower for small ones: compiling takes seconds).
     """
 
     def __init__(self, train, val, k=20, temperature=0.07, engine="dygraph"):

@@ -5,9 +5,13 @@ import paddle.nn.functional as F
 
 from passl.errors import ConfigError
 from passl.evaluation.metrics import topk_accuracy
-from passl.models.backbones.resnet import resnet_from_torch
+from passl.models.backbones.resnet import backbone_from_passl_v1, resnet_from_torch
 from passl.models.registry import BACKBONES, MODELS
-from passl.models.torch_names import rename
+from passl.models.torch_names import rename, rename_exact
+
+
+#: ``model.backbone_engine`` values: how a frozen backbone runs
+BACKBONE_ENGINES = ("dygraph", "inference", "onnxruntime")
 
 
 @MODELS.register()
@@ -25,8 +29,9 @@ class Classification(nn.Layer):
         in_dim: feature width ``C``; defaults to ``backbone.out_channels``.
         freeze_backbone: train only the linear layer (True) or fine-tune everything.
         topk: the top-k accuracies logged during training.
-        backbone_engine: ``dygraph`` (default) or ``inference``: run the frozen backbone as
-            a Paddle Inference predictor (oneDNN on CPU), compiled from its weights at the
+        backbone_engine: ``dygraph`` (default), ``inference`` or ``onnxruntime``: run the
+            frozen backbone as a Paddle Inference predictor (oneDNN on CPU) or an
+            onnxruntime session (the ``[onnx]`` extra), compiled from its weights at the
             first forward pass and again after ``set_state_dict``. Its features equal
             dygraph's to ~1e-6 relative and a ResNet-50 runs about twice as fast on CPU
             (docs/benchmarks.md); needs ``freeze_backbone: true``.
@@ -35,12 +40,13 @@ class Classification(nn.Layer):
     def __init__(self, backbone, num_classes, in_dim=None, freeze_backbone=True, topk=(1, 5),
                  backbone_engine="dygraph"):
         super().__init__()
-        if backbone_engine not in ("dygraph", "inference"):
+        if backbone_engine not in BACKBONE_ENGINES:
             raise ConfigError(f"model.backbone_engine: {backbone_engine!r} is not one of "
-                              f"dygraph, inference")
-        if backbone_engine == "inference" and not freeze_backbone:
-            raise ConfigError("model.backbone_engine: inference runs a frozen copy of the "
-                              "backbone; set freeze_backbone: true or backbone_engine: dygraph")
+                              f"{', '.join(BACKBONE_ENGINES)}")
+        if backbone_engine != "dygraph" and not freeze_backbone:
+            raise ConfigError(f"model.backbone_engine: {backbone_engine} runs a frozen copy of "
+                              f"the backbone; set freeze_backbone: true or backbone_engine: "
+                              f"dygraph")
         self.backbone_engine = backbone_engine
         self._compiled_backbone = None
         self.backbone = BACKBONES.build(backbone)
@@ -82,7 +88,8 @@ class Classification(nn.Layer):
             return self.backbone(images)  # also while paddle.jit.save traces this model
         if self._compiled_backbone is None:
             from passl.deploy.engine import compile_layer
-            self._compiled_backbone = compile_layer(self.backbone, [-1, 3, -1, -1])
+            self._compiled_backbone = compile_layer(self.backbone, [-1, 3, -1, -1],
+                                                    engine=self.backbone_engine)
         return paddle.to_tensor(self._compiled_backbone(images.numpy()))
 
     def set_state_dict(self, state_dict, *args, **kwargs):
@@ -118,3 +125,15 @@ def classification_from_torch(name):
     """Our Classification name for a reference trunk or linear-classifier tensor, else None."""
     trunk = resnet_from_torch(name)
     return "backbone." + trunk if trunk else rename(CLASSIFIER_NAMES, r"fc.\2", name)
+
+
+# ---------------------------------------------------------------- PASSL v1 weights
+# PASSL v1's Classification (passl/modeling/architectures/clas.py) is backbone.* (ResNetswav,
+# our names) + ClasHead, whose linear layer head.fc_cls.{weight [in, classes], bias} is ours
+# as fc, in the same Paddle layout. Its linear-evaluation checkpoints hold both.
+CLASSIFIER_V1_NAMES = r"head\.fc_cls\.(weight|bias)"
+
+
+def classification_from_passl_v1(name):
+    """Our Classification name for the tensor ``name`` of a PASSL v1 classifier, else None."""
+    return backbone_from_passl_v1(name) or rename_exact(CLASSIFIER_V1_NAMES, r"fc.\1", name)

@@ -5,9 +5,9 @@ import paddle
 import paddle.nn as nn
 
 from passl.errors import ConfigError
-from passl.models.backbones.resnet import resnet_from_torch
+from passl.models.backbones.resnet import backbone_from_passl_v1, resnet_from_torch
 from passl.models.registry import BACKBONES, HEADS, LOSSES, MODELS, NECKS
-from passl.models.torch_names import LEAF, rename
+from passl.models.torch_names import LEAF, rename, rename_exact
 
 
 def resolution_groups(crops):
@@ -110,3 +110,28 @@ def swav_from_torch(name):
     if trunk:
         return "backbone." + trunk
     return next(filter(None, (rename(p, r, name) for p, r in SWAV_HEAD_NAMES)), None)
+
+
+# ---------------------------------------------------------------- PASSL v1 weights
+# PASSL v1 (PaddlePaddle/PASSL 1.x, passl/modeling/architectures/swav.py) saves SwAV's
+# state dict in Paddle's own layouts, so only names change (no transposition):
+#   backbone.*  ResNetswav, paddle.vision's names (passl/models/backbones/resnet.py)
+#   neck.projection_neck.{0,3}.{weight [in, out], bias}   Linear    -> neck.mlp.{0,3}
+#   neck.projection_neck.1.{weight, bias, _mean, _variance} BatchNorm1D -> neck.mlp.1
+#     (hid_channels 0: one Linear neck.projection_neck.{weight, bias} -> neck.mlp)
+#   head.prototypes.weight [feat_dim, K]    SwAVHead's bias-free Linear -> head.heads.0
+#     (a list of num_prototypes: MultiPrototypes, head.prototypes.prototypes{N}.weight
+#     -> head.heads.N)
+# SwAVHead keeps no queue tensor in the state dict (its queue is never created in v1).
+SWAV_V1_HEAD_NAMES = (
+    (r"neck\.projection_neck\.([0-3])\.(weight|bias|_mean|_variance)", r"neck.mlp.\1.\2"),
+    (r"neck\.projection_neck\.(weight|bias)", r"neck.mlp.\1"),
+    (r"head\.prototypes\.weight", "head.heads.0.weight"),
+    (r"head\.prototypes\.prototypes(\d+)\.weight", r"head.heads.\1.weight"),
+)
+
+
+def swav_from_passl_v1(name):
+    """Our SwAV name for the tensor ``name`` of a PASSL v1 SwAV model, else None."""
+    return backbone_from_passl_v1(name) or next(
+        filter(None, (rename_exact(p, r, name) for p, r in SWAV_V1_HEAD_NAMES)), None)

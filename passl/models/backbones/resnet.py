@@ -6,6 +6,8 @@ from ``paddle.vision`` load by name. Initialisation follows the SwAV reference
 (torchvision's): Kaiming-normal (fan_out) convolutions, BatchNorm gamma 1 and
 beta 0, optionally gamma 0 for the last BatchNorm of every residual block.
 """
+import re
+
 import paddle
 import paddle.nn as nn
 
@@ -205,3 +207,23 @@ TORCH_TRUNK = r"(conv1|bn1|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsample\.[01])
 def resnet_from_torch(name):
     """Our name for the tensor ``name`` of a torchvision-layout ResNet trunk, else None."""
     return rename(TORCH_TRUNK, r"\g<0>", name)
+
+
+# ---------------------------------------------------------------- PASSL v1 weights
+# PASSL v1's ResNetswav (passl/modeling/backbones/resnetswav.py) is paddle.vision's ResNet
+# without classifier or pool, plus a parameter-free Pad2D(1) before a conv1 of padding 2 (the
+# same zero padding of 3 as ours). Its tensors carry exactly our names, Paddle's BatchNorm
+# statistics included; only the pool, which v1 leaves to the neck or head, is ours.
+PASSL_V1_TRUNK = (r"(conv1|bn1|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsample\.[01]))\."
+                  r"(weight|bias|_mean|_variance)")
+
+
+def resnet_from_passl_v1(name):
+    """Our name for the tensor ``name`` of a PASSL v1 ResNet trunk (the same), else None."""
+    return name if re.fullmatch(PASSL_V1_TRUNK, name) else None
+
+
+def backbone_from_passl_v1(name):
+    """``name`` when it is a trunk tensor under a PASSL v1 model's ``backbone.`` (ours too)."""
+    prefix = "backbone."
+    return name if name.startswith(prefix) and resnet_from_passl_v1(name[len(prefix):]) else None
