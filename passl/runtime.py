@@ -106,10 +106,13 @@ def select_device(device="auto"):
         raise ConfigError("device: gpu requested but Paddle has no visible CUDA device; "
                           "install paddlepaddle-gpu or use -o device=cpu")
     chosen = "gpu" if device == "gpu" or (device == "auto" and gpu) else "cpu"
-    if chosen == "gpu":
-        # the launcher hands each process its card in FLAGS_selected_gpus (`--gpus 3` with one
-        # process means card 3, while PADDLE_LOCAL_RANK is 0); ParallelEnv reads exactly that
-        paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().device_id}")
-    else:
-        paddle.set_device("cpu")
+    paddle.set_device(f"gpu:{launcher_card()}" if chosen == "gpu" else "cpu")
     return chosen
+
+
+def launcher_card():
+    """This process's GPU number: the card the launcher handed it in ``FLAGS_selected_gpus``
+    (read by ``ParallelEnv``), 0 without a launcher. Not ``PADDLE_LOCAL_RANK``: ``--gpus 4,5``
+    gives local rank 0 card 4 (the number is among the visible cards)."""
+    import paddle
+    return paddle.distributed.ParallelEnv().device_id
