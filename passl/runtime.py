@@ -110,6 +110,28 @@ def select_device(device="auto"):
     return chosen
 
 
+def select_device_and_join(device="auto"):
+    """:func:`select_device`, then join the launcher's process group; returns
+    ``(device, world size)``.
+
+    Joining sets Paddle's device again: with NCCL (the launcher's backend on a GPU build that
+    sees cards) each process is put on its card whatever was chosen before. ``device: cpu``
+    there would train on the GPU while the log said cpu, AMP stayed off and SyncBatchNorm was
+    skipped, so it is refused; the gloo backend leaves the processes on the CPU.
+    """
+    import paddle
+    from passl import distributed
+    chosen = select_device(device)
+    world_size = distributed.init_process_group()
+    if chosen == "cpu" and paddle.get_device() != "cpu":
+        raise ConfigError(
+            f"device: cpu, but the launcher joined the {world_size} processes over NCCL, which "
+            f"puts each on a GPU ({paddle.get_device()} here); use -o device=gpu, or train on "
+            f"CPUs with PADDLE_DISTRI_BACKEND=gloo set before python -m "
+            f"paddle.distributed.launch")
+    return chosen, world_size
+
+
 def launcher_card():
     """This process's GPU number: the card the launcher handed it in ``FLAGS_selected_gpus``
     (read by ``ParallelEnv``), 0 without a launcher. Not ``PADDLE_LOCAL_RANK``: ``--gpus 4,5``

@@ -33,7 +33,7 @@ from passl.models.weights import load_pretrained
 from passl.preemption import StopSignals, TrainingStopped
 from passl.registry import key_path_of
 from passl.runtime import (configure_cpu_threads, local_process_count, seed_everything,
-                           select_device, set_deterministic)
+                           select_device_and_join, set_deterministic)
 from passl.solver.lr_scheduler import build_lr_scheduler
 from passl.solver.optimizers import build_optimizer
 from passl.utils.logger import open_log_file, setup_logger
@@ -132,9 +132,8 @@ class Trainer:
     def _start_up(self):
         cfg = self.cfg
         threads = configure_cpu_threads(cfg.get("threads", "auto"))  # idempotent
-        self.device = select_device(cfg.get("device", "auto"))
         deterministic = set_deterministic(cfg.get("deterministic", False))
-        self.world_size = distributed.init_process_group()
+        self.device, self.world_size = select_device_and_join(cfg.get("device", "auto"))
         self.rank = distributed.get_rank()
         self.logger = setup_logger(self.output_dir, self.rank, defer_file=True)
         seed_everything(cfg.get("seed", 0), self.rank)
