@@ -136,7 +136,9 @@ class Trainer:
         self.device, self.world_size = select_device_and_join(cfg.get("device", "auto"))
         self.rank = distributed.get_rank()
         self.logger = setup_logger(self.output_dir, self.rank, defer_file=True)
-        seed_everything(cfg.get("seed", 0), self.rank)
+        # Training ranks draw different streams (DataParallel then broadcasts rank 0's weights);
+        # evaluating only builds no DataParallel, so every rank must build the same random model
+        seed_everything(cfg.get("seed", 0), 0 if self.evaluate_only else self.rank)
         self.logger.info(f"device {self.device}, {self.world_size} process(es), "
                          f"{threads['threads']} CPU thread(s) per process "
                          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
