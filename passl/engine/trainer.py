@@ -248,7 +248,8 @@ class Trainer:
         if self.start_epoch == 0 and self.metrics.start_fresh():
             self.logger.info("a new run: the earlier metrics.jsonl of this output_dir was moved "
                              "to metrics.previous.jsonl")
-        self.stop_signals = StopSignals(self.logger)
+        log_intervals = [h.log_interval for h in self.hooks if hasattr(h, "log_interval")]
+        self.stop_signals = StopSignals(self.logger, max_interval=min(log_intervals, default=1))
         self.stop_signals.install()
         try:
             self.call_hooks("before_run")
@@ -280,7 +281,8 @@ class Trainer:
                 self.call_hooks("after_iter")
             self.lr_scheduler.step()
             self.iter += 1
-            self._stop_if_signalled()
+            if self.stop_signals.due(self.iter, self.inner_iter + 1 == self.iters_per_epoch):
+                self._stop_if_signalled()
         done = self.epoch + 1
         interval = self.cfg.get("eval_interval", 1)
         if self.evaluators and (done % interval == 0 or done == self.epochs):
@@ -299,19 +301,20 @@ class Trainer:
         except OutputWriteError as error:
             self.write_failure = error
 
-    def _agree(self):
+    def _agree(self, steps_done=None):
         """Collective: the stop signal any rank received (0: none); raises when any rank could
-        not write its output, on every rank."""
-        signum, failed = self.stop_signals.agreed(self.write_failure is not None)
+        not write its output, on every rank. ``steps_done`` at a step boundary."""
+        signum, failed = self.stop_signals.agreed(self.write_failure is not None, steps_done)
         if failed:
             raise self.write_failure or OutputWriteError(
                 "another process could not write its output (its log says why)")
         return signum
 
     def _stop_if_signalled(self):
-        """At a step boundary: when any rank got a stop signal, all save and stop here; when
-        any rank could not write its output, all stop here without saving."""
-        signum = self._agree()
+        """At a step boundary where the ranks agree (every step with one process; see
+        :class:`~passl.preemption.StopSignals`): when any rank got a stop signal, all save and
+        stop here; when any rank could not write its output, all stop here without saving."""
+        signum = self._agree(self.iter)
         if not signum:
             return
         self.call_hooks("before_save")
