@@ -14,22 +14,6 @@ from passl.engine.metrics_log import MetricsLog, read_metrics
 from passl.engine.trainer import Trainer
 from toy_training import force_float16_scaler, toy_config, write_config
 
-HOST_READS = ("numpy", "item", "tolist", "__float__")
-
-
-@pytest.fixture
-def host_reads(monkeypatch):
-    """Counts every read of a tensor's value on the host (each one waits for the GPU)."""
-    reads = []
-    for name in HOST_READS:
-        original = getattr(paddle.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            reads.append(_name)
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(paddle.Tensor, name, counted)
-    return reads
-
 
 class Logs:
     def __init__(self):
