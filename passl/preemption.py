@@ -12,7 +12,7 @@ Ctrl-C while a stop is pending aborts at once (KeyboardInterrupt), without a che
 One process acts on a signal after the very step. Several agree only every few steps: reading
 the all-reduced value on the host waits for all the work queued on the GPU, which would stall
 every step. They agree at the end of each epoch and about every :data:`AGREE_EVERY_SECONDS`
-of training, but at least at every log step: the interval is derived at each agreement from
+of training, but at least every log interval: the interval is derived at each agreement from
 the slowest rank's measured step time, an all-reduced value, so every rank derives the same.
 
 Paddle installs C++ handlers at import that print a stack dump on SIGTERM; these handlers are
