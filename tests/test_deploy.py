@@ -288,6 +288,23 @@ def test_a_gpu_predictor_runs_on_the_card_the_launcher_selected(monkeypatch):
     assert cards == [4]
 
 
+def test_export_builds_its_dygraph_reference_on_the_cpu(digits, tmp_path, monkeypatch, capsys):
+    """Where a GPU is Paddle's default device, a reference run there would use TF32 (Ampere and
+    newer: 1e-4..1e-3 off) against the 1e-5 check: the tool sets the CPU before it builds."""
+    import passl.deploy.export as export
+    devices, seen = ["gpu:0"], []
+    monkeypatch.setattr(paddle, "set_device", devices.append)
+
+    def export_model(cfg, output, **options):  # records the device the model is built on
+        seen.append(devices[-1])
+        return {"output": "logits", "input_shape": [-1, 3, 32, 32], "relative_error": 0.0,
+                "classes": 0, "meta": os.path.join(output, "inference.yml")}
+    monkeypatch.setattr(export, "export_model", export_model)
+    code, _, _ = run_tool(EXPORT, ["-c", digits["config"], "--load", digits["checkpoint"],
+                                   "--output", str(tmp_path / "out")], capsys)
+    assert (code, seen) == (0, ["cpu"])
+
+
 def test_frozen_backbone_engine_gives_the_dygraph_step(digits, tmp_path):
     """backbone_engine: inference trains the linear layer on the same features (1e-5) and
     compiles again after set_state_dict."""
