@@ -55,13 +55,18 @@ def all_reduce(tensor, op="sum"):
     return tensor
 
 
-def all_gather(tensor, axis=0):
-    """Concatenation along ``axis`` of ``tensor`` from every rank, in rank order."""
+def all_gather(tensor, out=None):
+    """Concatenation along axis 0 of ``tensor`` (the same shape on every rank) from every
+    rank, in rank order, written into ``out`` when given (``[world x rows, ...]``, e.g. a view
+    of a larger tensor). The ranks gather straight into one tensor: a list of per-rank parts
+    and their concatenation would hold the result twice at once."""
     if get_world_size() == 1:
         return tensor
-    parts = []
-    dist.all_gather(parts, tensor)
-    return paddle.concat(parts, axis=axis)
+    if out is None:
+        out = paddle.empty([get_world_size() * tensor.shape[0], *tensor.shape[1:]],
+                           dtype=tensor.dtype)
+    dist.stream.all_gather(out, tensor)
+    return out
 
 
 def all_gather_object(obj):

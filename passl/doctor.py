@@ -5,6 +5,7 @@ every check is ok. Without ``--gpus`` the same checks run on the CPU (gloo for t
 which is how CI tests this module. The two-rank checks run in two processes started with
 ``paddle.distributed.launch``; each writes its findings to a JSON file the parent reads.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -161,45 +162,78 @@ def check_step(report, cfg, place):
     report.line(name, detail)
 
 
+class ResumeFailed(Exception):
+    """A part of the training state that did not survive saving and resuming: a fault of
+    PASSL's checkpoint code with this Paddle version, not of the installation."""
+
+
+@contextlib.contextmanager
+def resuming(part):
+    """Name ``part`` in any error raised while it is saved or restored."""
+    try:
+        yield
+    except Exception as e:  # whatever Paddle raises, the finding is which part failed
+        detail = failure(e)[0]
+        raise ResumeFailed(f"resuming {part} failed: {detail}") from e
+
+
 def check_round_trip(report, cfg, place):
-    """Save a stepped run, resume it in fresh objects: same state, then the same next step."""
+    """Save a stepped run under the config's AMP, resume it in fresh objects: the same state
+    (the float16 loss scaler's too), then the same next step."""
     name = f"save/resume round trip on {place}"
     try:
-        worst = resumed_step_gap(cfg, place)
-    except Exception as e:  # as in check_step
+        amp, worst = resumed_step_gap(cfg, place)
+    except ResumeFailed as e:
+        return report.line(name, str(e), f"PASSL cannot resume this state with Paddle "
+                           f"{paddle.__version__}: report this line; reinstalling will not help")
+    except Exception as e:  # any other failure of the device stack is the finding
         return report.line(name, *failure(e))
     # bit-identical on CPU; cuDNN may pick other algorithms in the new objects (deterministic:
     # true pins them), so a GPU gets float32 rounding room
     limit = 0.0 if place == "cpu" else 1e-4
-    detail = f"the step after resuming differs by at most {worst:.3g} (limit {limit:g})"
+    detail = f"amp {amp}: the step after resuming differs by at most {worst:.3g} (limit {limit:g})"
     report.line(name, detail, None if worst <= limit else
                 "resumed state differs: check that the file system keeps the whole file and "
                 "report the Paddle version")
 
 
 def resumed_step_gap(cfg, place):
-    """Largest parameter difference between a run and its resumed copy after one more step."""
+    """``(amp description, largest parameter difference)`` between a run and its resumed copy
+    after one more step; raises :class:`ResumeFailed` naming a part that did not come back."""
     paddle.set_device(place)
     device = "cpu" if place == "cpu" else "gpu"
     model, optimizer, amp, step = tiny_run(cfg, device)
     step(tiny_batch(0))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "epoch_1.pd")
-        checkpoint.write_atomic({"kind": checkpoint.KIND, "version": checkpoint.VERSION,
-                                 "model": model.state_dict(),
-                                 "optimizer": checkpoint.optimizer_state(optimizer, model),
-                                 "amp_scaler": amp.state_dict(), "rng": checkpoint.rng_state()},
-                                path)
-        state = checkpoint.load_checkpoint(path)
+        with resuming("the checkpoint file"):
+            checkpoint.write_atomic({"kind": checkpoint.KIND, "version": checkpoint.VERSION,
+                                     "model": model.state_dict(),
+                                     "optimizer": checkpoint.optimizer_state(optimizer, model),
+                                     "amp_scaler": amp.state_dict(),
+                                     "rng": checkpoint.rng_state()}, path)
+            state = checkpoint.load_checkpoint(path)
     resumed, resumed_optimizer, resumed_amp, resumed_step = tiny_run(cfg, device)
-    resumed.set_state_dict(state["model"])
-    checkpoint.load_optimizer_state(resumed_optimizer, resumed, state["optimizer"])
-    resumed_amp.set_state_dict(state["amp_scaler"])
+    with resuming("the model"):
+        resumed.set_state_dict(state["model"])
+    with resuming("the optimizer"):
+        checkpoint.load_optimizer_state(resumed_optimizer, resumed, state["optimizer"])
+    scaler = f"the AMP loss scaler (amp {amp.describe()})"
+    with resuming(scaler):
+        resumed_amp.set_state_dict(state["amp_scaler"])
+    if scaler_state(resumed_amp) != scaler_state(amp):
+        raise ResumeFailed(f"resuming {scaler} failed: {scaler_state(amp)} saved, "
+                           f"{scaler_state(resumed_amp)} resumed")
     step(tiny_batch(1))
     checkpoint.set_rng_state(state["rng"])
     resumed_step(tiny_batch(1))
-    return max(float(np.abs(a.numpy() - b.numpy()).max())
-               for a, b in zip(model.parameters(), resumed.parameters()))
+    return amp.describe(), max(float(np.abs(a.numpy() - b.numpy()).max())
+                               for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+def scaler_state(amp):
+    """The loss scaler's state as plain numbers, comparable with ``==``."""
+    return {key: np.asarray(value).tolist() for key, value in sorted(amp.state_dict().items())}
 
 
 # ---------------------------------------------------------------- two ranks

@@ -106,10 +106,35 @@ def select_device(device="auto"):
         raise ConfigError("device: gpu requested but Paddle has no visible CUDA device; "
                           "install paddlepaddle-gpu or use -o device=cpu")
     chosen = "gpu" if device == "gpu" or (device == "auto" and gpu) else "cpu"
-    if chosen == "gpu":
-        # the launcher hands each process its card in FLAGS_selected_gpus (`--gpus 3` with one
-        # process means card 3, while PADDLE_LOCAL_RANK is 0); ParallelEnv reads exactly that
-        paddle.set_device(f"gpu:{paddle.distributed.ParallelEnv().device_id}")
-    else:
-        paddle.set_device("cpu")
+    paddle.set_device(f"gpu:{launcher_card()}" if chosen == "gpu" else "cpu")
     return chosen
+
+
+def select_device_and_join(device="auto"):
+    """:func:`select_device`, then join the launcher's process group; returns
+    ``(device, world size)``.
+
+    Joining sets Paddle's device again: with NCCL (the launcher's backend on a GPU build that
+    sees cards) each process is put on its card whatever was chosen before. ``device: cpu``
+    there would train on the GPU while the log said cpu, AMP stayed off and SyncBatchNorm was
+    skipped, so it is refused; the gloo backend leaves the processes on the CPU.
+    """
+    import paddle
+    from passl import distributed
+    chosen = select_device(device)
+    world_size = distributed.init_process_group()
+    if chosen == "cpu" and paddle.get_device() != "cpu":
+        raise ConfigError(
+            f"device: cpu, but the launcher joined the {world_size} processes over NCCL, which "
+            f"puts each on a GPU ({paddle.get_device()} here); use -o device=gpu, or train on "
+            f"CPUs with PADDLE_DISTRI_BACKEND=gloo set before python -m "
+            f"paddle.distributed.launch")
+    return chosen, world_size
+
+
+def launcher_card():
+    """This process's GPU number: the card the launcher handed it in ``FLAGS_selected_gpus``
+    (read by ``ParallelEnv``), 0 without a launcher. Not ``PADDLE_LOCAL_RANK``: ``--gpus 4,5``
+    gives local rank 0 card 4 (the number is among the visible cards)."""
+    import paddle
+    return paddle.distributed.ParallelEnv().device_id

@@ -97,3 +97,26 @@ def test_linear_head_learns():
     model = build()
     losses = train_steps(model, steps=8)
     assert losses[-1] < losses[0]
+
+
+def test_a_training_step_reads_nothing_on_the_host(host_reads):
+    """The step's top-k logs stay device tensors (each host read waits for the GPU) and equal
+    the accuracy of the step's logits."""
+    model = build(num_classes=10)
+    optimizer = paddle.optimizer.Momentum(learning_rate=0.1, parameters=model.fc.parameters())
+    rng = np.random.default_rng(1)
+    images = paddle.to_tensor(rng.standard_normal((8, 3, 16, 16)).astype("float32"))
+    labels = rng.integers(0, 10, size=8)
+    model.train()  # the frozen backbone stays in eval mode: features are deterministic
+    logits = model.extract_features(images).numpy() @ model.fc.weight.numpy() \
+        + model.fc.bias.numpy()
+    ranks = (-logits).argsort(axis=1)
+    expected = {f"top{k}": 100.0 * np.mean([label in row[:k] for label, row in
+                                            zip(labels, ranks)]) for k in (1, 5)}
+    host_reads.clear()
+    out = model((images, paddle.to_tensor(labels)))
+    out["loss"].backward()
+    optimizer.step()
+    optimizer.clear_grad()
+    assert host_reads == []
+    assert {k: float(v) for k, v in out["logs"].items()} == pytest.approx(expected)

@@ -2,6 +2,7 @@
 --evaluate-only on a quickly trained digits classifier, one clear line per bad input."""
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -11,6 +12,7 @@ import yaml
 
 from passl.config import load_config
 from passl.data import DATASETS, build_dataloader
+from passl.deploy import engine as deploy_engine
 from passl.deploy.engine import InferenceEngine, compile_layer
 from passl.deploy.predict import Predictor, file_list_path
 from passl.engine.checkpoint import load_model_weights
@@ -257,6 +259,51 @@ def test_compiled_layer_is_a_frozen_copy_and_leaves_modes_alone():
     assert relative_difference(engine(x), expected) <= 1e-5
     layer[0].weight.set_value(layer[0].weight * 2)
     assert relative_difference(engine(x), expected) <= 1e-5
+
+
+def test_a_gpu_predictor_runs_on_the_card_the_launcher_selected(monkeypatch):
+    """`launch --gpus 4,5`: rank 0 trains on card 4 (FLAGS_selected_gpus=4) while its local
+    rank is 0; its predictor (kNN, backbone_engine: inference) must use card 4 too."""
+    cards = []
+
+    class Config:  # Paddle Inference's config, recording the card instead of needing one
+        def __init__(self, *files):
+            pass
+
+        def disable_glog_info(self):
+            pass
+
+        def enable_use_gpu(self, pool_mb, card):
+            cards.append(card)
+    predictor = SimpleNamespace(get_input_names=lambda: ["images"],
+                                get_output_names=lambda: ["features"],
+                                get_input_handle=lambda name: name,
+                                get_output_handle=lambda name: name)
+    monkeypatch.setattr(paddle.inference, "Config", Config)
+    monkeypatch.setattr(paddle.inference, "create_predictor", lambda config: predictor)
+    monkeypatch.setattr(deploy_engine, "has_gpu", lambda: True)
+    monkeypatch.setattr(paddle.base.core, "is_compiled_with_cuda", lambda: True)
+    monkeypatch.setenv("FLAGS_selected_gpus", "4")
+    monkeypatch.setenv("PADDLE_LOCAL_RANK", "0")
+    assert InferenceEngine("model.json", "model.pdiparams", device="gpu").device == "gpu"
+    assert cards == [4]
+
+
+def test_export_builds_its_dygraph_reference_on_the_cpu(digits, tmp_path, monkeypatch, capsys):
+    """Where a GPU is Paddle's default device, a reference run there would use TF32 (Ampere and
+    newer: 1e-4..1e-3 off) against the 1e-5 check: the tool sets the CPU before it builds."""
+    import passl.deploy.export as export
+    devices, seen = ["gpu:0"], []
+    monkeypatch.setattr(paddle, "set_device", devices.append)
+
+    def export_model(cfg, output, **options):  # records the device the model is built on
+        seen.append(devices[-1])
+        return {"output": "logits", "input_shape": [-1, 3, 32, 32], "relative_error": 0.0,
+                "classes": 0, "meta": os.path.join(output, "inference.yml")}
+    monkeypatch.setattr(export, "export_model", export_model)
+    code, _, _ = run_tool(EXPORT, ["-c", digits["config"], "--load", digits["checkpoint"],
+                                   "--output", str(tmp_path / "out")], capsys)
+    assert (code, seen) == (0, ["cpu"])
 
 
 def test_frozen_backbone_engine_gives_the_dygraph_step(digits, tmp_path):

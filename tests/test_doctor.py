@@ -11,6 +11,8 @@ import pytest
 
 from passl import doctor
 from passl.config import load_config
+from passl.engine.amp import MixedPrecision
+from toy_training import force_float16_scaler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOOL = os.path.join(os.path.dirname(HERE), "tools", "doctor.py")
@@ -52,8 +54,32 @@ def test_cpu_step_and_round_trip_are_ok_and_exact():
                                     r"69 of 69 tensors updated \.\.\. ok$", step_lines[0])
     trip, failed = lines_of(doctor.check_round_trip, cfg, "cpu")
     assert failed == 0
-    assert trip == ["save/resume round trip on cpu: the step after resuming differs by at most "
-                    "0 (limit 0) ... ok"]
+    assert trip == ["save/resume round trip on cpu: amp off (float32): the step after resuming "
+                    "differs by at most 0 (limit 0) ... ok"]
+
+
+def test_round_trip_resumes_the_float16_scaler_and_names_it_when_it_cannot(monkeypatch):
+    """On a GPU the ImageNet config trains with a float16 loss scaler: the round trip saves and
+    resumes it (forced here on CPU); a scaler state Paddle cannot read back is named as the
+    cause, not blamed on the installation."""
+    force_float16_scaler(monkeypatch)
+    cfg = load_config(IMAGENET)
+    trip, failed = lines_of(doctor.check_round_trip, cfg, "cpu")
+    assert failed == 0
+    assert trip == ["save/resume round trip on cpu: amp float16 O1 with loss scaling: the step "
+                    "after resuming differs by at most 0 (limit 0) ... ok"]
+    # the scaler state as MixedPrecision saved it before: a 0-d scale, which
+    # GradScaler.load_state_dict cannot index
+    monkeypatch.setattr(MixedPrecision, "state_dict", lambda amp: amp.scaler.state_dict())
+    monkeypatch.setattr(MixedPrecision, "set_state_dict",
+                        lambda amp, state: amp.scaler.load_state_dict(state))
+    trip, failed = lines_of(doctor.check_round_trip, cfg, "cpu")
+    assert failed == 1
+    assert trip == [f"save/resume round trip on cpu: resuming the AMP loss scaler (amp float16 O1 "
+                    f"with loss scaling) failed: IndexError: too many indices for array: array "
+                    f"is 0-dimensional, but 1 were indexed ... FAILED: PASSL cannot resume this "
+                    f"state with Paddle {paddle.__version__}: report this line; reinstalling "
+                    f"will not help"]
 
 
 def test_dev_shm_line_uses_the_config_crops_and_fails_with_the_fix(monkeypatch):

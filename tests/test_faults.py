@@ -12,6 +12,7 @@ import sys
 import paddle
 import pytest
 
+from passl import distributed, preemption
 from passl.config import load_config, save_config
 from passl.data.loader import ResumableBatchSampler, set_loader_epoch, worker_death
 from passl.engine import checkpoint
@@ -21,7 +22,7 @@ from passl.engine.trainer import Trainer
 from passl.io import safe_write
 from passl.io.safe_write import OutputWriteError
 from passl.models.weights import extract_weights
-from passl.preemption import (STOP_SIGNALS, STOPPED_STATUS, TrainingStopped,
+from passl.preemption import (STOP_SIGNALS, STOPPED_STATUS, StopSignals, TrainingStopped,
                               interrupt_on_stop_signals)
 from passl.utils.logger import LogFileHandler
 from test_checkpoint import assert_same_run
@@ -133,6 +134,35 @@ def test_first_ctrl_c_or_sigusr1_stops_with_a_checkpoint_after_the_step(tmp_path
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # the process is on its way out
     summary = read_metrics(os.path.join(trainer.output_dir, "metrics.jsonl"), "summary")
     assert summary[-1]["completed"] is False and summary[-1]["iter"] == 2
+
+
+def test_several_processes_agree_on_a_stop_every_few_steps_not_every_step(monkeypatch):
+    """Each agreement reads an all-reduced value on the host (a wait for the GPU): several
+    processes agree about every ``seconds`` of training, at least every ``max_interval``
+    steps and at each epoch's end, the interval derived from all-reduced values only."""
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "all_reduce", lambda tensor, op: tensor)  # rank 1 alike
+    clock = [0.0]
+    monkeypatch.setattr(preemption.time, "perf_counter", lambda: clock[0])
+    stops = StopSignals(logging.getLogger("test"), max_interval=50, seconds=2.0)
+
+    def agreements(steps, step_seconds, epoch_end=None, signal_at=None):
+        seen = []
+        for steps_done in steps:
+            clock[0] += step_seconds
+            if steps_done == signal_at:
+                stops.received = signal.SIGTERM
+            if stops.due(steps_done, end_of_epoch=steps_done == epoch_end):
+                seen.append((steps_done, stops.agreed(False, steps_done)[0]))
+        return seen
+    # 0.5 s steps: every 4 steps (2 s), and at the epoch's end (step 28)
+    assert [s for s, _ in agreements(range(1, 41), 0.5, epoch_end=28)] == [
+        1, 2, 6, 10, 14, 18, 22, 26, 28, 32, 36, 40]
+    # 10 ms steps: 200 would make 2 s, the log interval caps it at 50; a signal received at
+    # step 60 is agreed on at step 94, the next agreement
+    assert agreements(range(41, 100), 0.01, signal_at=60) == [(44, 0), (94, signal.SIGTERM)]
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 1)
+    assert all(stops.due(steps_done) for steps_done in range(100, 110))  # alone: every step
 
 
 def test_before_training_sigterm_interrupts_at_once(keep_signal_handlers):

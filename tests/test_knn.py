@@ -4,7 +4,8 @@ import paddle
 import pytest
 
 from passl.errors import UserError
-from passl.evaluation.knn import knn_evaluate, knn_votes
+from passl.evaluation import knn
+from passl.evaluation.knn import RowBuffer, extract_features, knn_evaluate, knn_votes
 
 
 def numpy_knn_votes(train_x, train_y, query_x, k, temperature, num_classes):
@@ -54,7 +55,9 @@ def test_votes_match_numpy():
     np.testing.assert_allclose(votes.numpy(), expected, rtol=1e-4)
 
 
-def test_knn_evaluate_matches_numpy_accuracy():
+@pytest.mark.parametrize("similarity_entries", [2 ** 28, 200 * 7])  # 1024 or 7 queries a chunk
+def test_knn_evaluate_matches_numpy_accuracy(monkeypatch, similarity_entries):
+    monkeypatch.setattr(knn, "SIMILARITY_ENTRIES", similarity_entries)
     rng = np.random.default_rng(1)
     centres = rng.standard_normal((8, 10))
     train_x, train_y = clustered(rng, 200, centres, noise=1.2)
@@ -81,3 +84,30 @@ def test_user_errors():
         knn_evaluate(Identity(), [], [], k=0)
     with pytest.raises(UserError, match="temperature=0"):
         knn_evaluate(Identity(), [], [], temperature=0)
+
+
+def test_extracted_features_are_written_into_one_tensor_not_concatenated():
+    """The bank's rows go batch by batch into one tensor sized from the loader's length, so
+    extraction holds the bank once (a list concatenated at the end held it twice)."""
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((1000, 256)).astype("float32"), rng.integers(0, 5, size=1000)
+    loader = batches(x, y, 50)
+    core = paddle.base.core
+    before = core.host_memory_stat_current_value("Allocated", 0)
+    core.host_memory_stat_reset_peak_value("Allocated", 0)
+    features, labels = extract_features(Identity(), loader, gather=False)
+    peak = core.host_memory_stat_peak_value("Allocated", 0) - before
+    np.testing.assert_allclose(features.numpy(), x / np.linalg.norm(x, axis=1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(labels.numpy(), y)
+    bank = x.size * 4 + y.size * 8
+    assert peak < 1.2 * bank  # the bank plus a few batches' temporaries
+
+
+def test_row_buffer_grows_for_a_larger_batch_or_an_unknown_length():
+    parts = [np.arange(n * 2, dtype="float32").reshape(n, 2) + 100 * n for n in (3, 3, 5, 1)]
+    for batches_expected in (4, None):
+        buffer = RowBuffer(batches_expected)
+        for part in parts:
+            buffer.append(paddle.to_tensor(part))
+        np.testing.assert_array_equal(buffer.rows().numpy(), np.concatenate(parts))

@@ -6,8 +6,11 @@ import sys
 import textwrap
 
 import numpy as np
+import paddle
 import pytest
 
+from passl import distributed
+from passl.evaluation import knn
 from test_knn import Identity, batches, clustered
 
 WORKER = textwrap.dedent("""
@@ -54,3 +57,33 @@ def test_two_processes_match_one(tmp_path):
     result = json.loads(out.read_text())
     assert result == pytest.approx(expected)
     assert result["count"] == 50
+
+
+@pytest.mark.parametrize("counts", [(4, 4, 4), (5, 4, 4), (4, 5, 3), (0, 6, 5)])
+def test_the_gathered_bank_is_held_once_in_rank_order(monkeypatch, counts):
+    """gather_rows on rank 1 of three simulated ranks: every rank's rows in rank order, in the
+    very tensor the ranks gathered their common rows into (no second copy of the bank), also
+    when counts differ and blocks move apart in several overlapping chunks."""
+    rng = np.random.default_rng(0)
+    shares = [rng.standard_normal((n, 3)).astype("float32") for n in counts]
+    common, extra = min(counts), max(counts) - min(counts)
+    outputs = []
+
+    def all_gather(tensor, out=None):  # the collective: rank 1 sends ``tensor``
+        if out is not None:  # the rows every rank has
+            np.testing.assert_array_equal(tensor.numpy(), shares[1][:common])
+            out.set_value(np.concatenate([share[:common] for share in shares]))
+            outputs.append(out)
+            return out
+        rests = [np.pad(share[common:], ((0, extra - len(share) + common), (0, 0)))
+                 for share in shares]
+        np.testing.assert_array_equal(tensor.numpy(), rests[1])
+        return paddle.to_tensor(np.concatenate(rests))
+    monkeypatch.setattr(distributed, "get_world_size", lambda: len(counts))
+    monkeypatch.setattr(distributed, "all_gather_object", lambda count: list(counts))
+    monkeypatch.setattr(distributed, "all_gather", all_gather)
+    monkeypatch.setattr(knn, "MOVE_CHUNK", 3)  # moves in several, overlapping chunks
+    bank = knn.gather_rows(paddle.to_tensor(shares[1]))
+    np.testing.assert_array_equal(bank.numpy(), np.concatenate(shares))
+    if common:
+        assert bank.data_ptr() == outputs[0].data_ptr()

@@ -2,8 +2,11 @@ import numpy as np
 import paddle
 import pytest
 
-from passl import runtime
+from passl import distributed, runtime
+from passl.config import load_config
+from passl.engine.trainer import Trainer
 from passl.errors import ConfigError
+from toy_training import toy_config, write_config
 
 
 def test_auto_threads_split_the_cores_between_launched_processes(monkeypatch):
@@ -56,3 +59,29 @@ def test_gpu_is_the_card_the_launcher_selected_not_the_local_rank(monkeypatch):
     monkeypatch.setenv("PADDLE_LOCAL_RANK", "0")
     assert runtime.select_device("gpu") == "gpu"
     assert chosen == ["gpu:3"]
+
+
+def test_cpu_under_a_launcher_that_joins_over_nccl_is_refused_in_one_line(monkeypatch, tmp_path):
+    """A GPU build with cards: the launcher's NCCL backend moves each process onto its card when
+    it joins, after ``device: cpu`` chose the CPU (mocked here: the place joining leaves)."""
+    place = ["cpu"]
+    monkeypatch.setattr(paddle, "get_device", lambda: place[0])
+
+    def join(backend_place):
+        place[0] = backend_place
+        return 2
+    monkeypatch.setattr(distributed, "init_process_group", lambda: join("gpu:1"))
+    message = ("device: cpu, but the launcher joined the 2 processes over NCCL, which puts each "
+               "on a GPU (gpu:1 here); use -o device=gpu, or train on CPUs with "
+               "PADDLE_DISTRI_BACKEND=gloo set before python -m paddle.distributed.launch")
+    with pytest.raises(ConfigError) as error:
+        runtime.select_device_and_join("cpu")
+    assert str(error.value) == message
+    cfg = toy_config(tmp_path / "out", device="cpu")
+    place[0] = "cpu"
+    with pytest.raises(ConfigError) as error:  # the trainer checks after joining too
+        Trainer(load_config(write_config(cfg, tmp_path / "cfg.yaml")))
+    assert str(error.value) == message
+    # gloo (a CPU build, or no card visible to the launcher) leaves the processes on the CPU
+    monkeypatch.setattr(distributed, "init_process_group", lambda: join("cpu"))
+    assert runtime.select_device_and_join("cpu") == ("cpu", 2)

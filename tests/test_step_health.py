@@ -5,8 +5,6 @@ import types
 
 import numpy as np
 import paddle
-import paddle.amp.grad_scaler as grad_scaler
-from paddle.amp.auto_cast import amp_global_state
 import pytest
 
 from passl.config import load_config
@@ -14,23 +12,7 @@ from passl.engine.hooks.health_hook import HealthHook, TrainingDiverged
 from passl.engine.hooks.logger_hook import LoggerHook
 from passl.engine.metrics_log import MetricsLog, read_metrics
 from passl.engine.trainer import Trainer
-from toy_training import toy_config, write_config
-
-HOST_READS = ("numpy", "item", "tolist", "__float__")
-
-
-@pytest.fixture
-def host_reads(monkeypatch):
-    """Counts every read of a tensor's value on the host (each one waits for the GPU)."""
-    reads = []
-    for name in HOST_READS:
-        original = getattr(paddle.Tensor, name)
-
-        def counted(self, *args, _original=original, _name=name, **kwargs):
-            reads.append(_name)
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(paddle.Tensor, name, counted)
-    return reads
+from toy_training import force_float16_scaler, toy_config, write_config
 
 
 class Logs:
@@ -112,23 +94,14 @@ def test_health_hook_rejects_bad_limits():
         HealthHook(check_interval=0)
 
 
-def float16_scaler(monkeypatch):
-    """A real, enabled GradScaler on CPU (Paddle enables it only on a GPU place)."""
-    place = types.SimpleNamespace(is_gpu_place=lambda: True, is_xpu_place=lambda: False,
-                                  is_custom_place=lambda: False)
-    with monkeypatch.context() as patch:
-        patch.setattr(grad_scaler, "_dygraph_tracer",
-                      lambda: types.SimpleNamespace(_expected_place=place))
-        return paddle.amp.GradScaler(init_loss_scaling=1024.0)
+FLOAT16 = {"enable": True, "dtype": "float16"}
 
 
-def float16_trainer(tmp_path, monkeypatch, hooks):
-    cfg = toy_config(tmp_path / "out", epochs=2, hooks=hooks)
-    trainer = Trainer(load_config(write_config(cfg, tmp_path / "cfg.yaml")))
-    trainer.amp.scaler = float16_scaler(monkeypatch)
-    trainer.amp._scale_as_scalar()
-    # the scaler turns itself off unless auto_cast last ran in float16 (no kernels on CPU)
-    monkeypatch.setattr(amp_global_state(), "amp_dtype", "float16")
+def float16_trainer(tmp_path, monkeypatch, hooks, name="out", **trainer_args):
+    force_float16_scaler(monkeypatch)
+    cfg = toy_config(tmp_path / name, epochs=2, hooks=hooks, amp=FLOAT16)
+    trainer = Trainer(load_config(write_config(cfg, tmp_path / f"{name}.yaml")), **trainer_args)
+    assert trainer.amp.describe() == "float16 O1 with loss scaling"
     return trainer
 
 
@@ -141,7 +114,7 @@ def test_float16_non_finite_steps_are_skipped_counted_and_training_goes_on(tmp_p
     train = read_metrics(os.path.join(trainer.output_dir, "metrics.jsonl"), "train")
     assert [r["skipped_steps"] for r in train] == [0, 0, 1, 1, 0, 0, 0, 0]
     assert train[2]["loss"] == "nan" and math.isfinite(train[4]["loss"])  # all steps skipped
-    assert float(trainer.amp.scaler._scale) == 256.0  # lowered once per skipped step
+    assert float(trainer.amp.scaler._scale) == 2.0 ** 16 / 4  # halved per skipped step
 
 
 def test_float16_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch):
@@ -163,6 +136,32 @@ def test_float16_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, monkeypatch)
         "were not updated by those steps")
     for saved, param in zip(before, trainer.model.parameters()):
         np.testing.assert_array_equal(saved, param.numpy())
+
+
+def saved_form(state):
+    return {key: np.asarray(value).tolist() for key, value in state.items()}
+
+
+def test_a_float16_run_resumes_its_loss_scale_through_the_checkpoint_file(tmp_path, monkeypatch):
+    """Paddle's GradScaler.load_state_dict reads ``scale[0]``: the scaler state must go into the
+    checkpoint file in that form, and the resumed run must continue exactly."""
+    skipped_once = [{"name": "ToyEngineNaN", "at_iter": 1, "until": 2}]  # the scale halves
+    whole = float16_trainer(tmp_path, monkeypatch, skipped_once, name="whole")
+    whole.train()
+    first = float16_trainer(tmp_path, monkeypatch, skipped_once, name="split")
+    first.epochs = 1  # stop after epoch 1 (the schedule was built for 2)
+    first.train()
+    resumed = float16_trainer(tmp_path, monkeypatch, skipped_once, name="split", resume="auto")
+    saved = first.amp.state_dict()
+    assert saved["scale"].shape == (1,) and saved["scale"][0] == 2.0 ** 15
+    assert saved_form(resumed.amp.state_dict()) == saved_form(saved)
+    resumed.train()
+    assert saved_form(resumed.amp.state_dict()) == saved_form(whole.amp.state_dict())
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # checkpoints written before the fix hold a 0-d scale: they resume too
+    resumed.amp.set_state_dict({**saved, "scale": np.array(1024.0, dtype="float32")})
+    assert resumed.amp.state_dict()["scale"].tolist() == [1024.0]
 
 
 def test_bfloat16_on_a_gpu_without_it_falls_back_to_float16_and_says_so(monkeypatch, caplog):

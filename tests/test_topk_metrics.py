@@ -17,16 +17,21 @@ LOGITS = [[0.3, 0.2, 0.9, 0.1],
 LABELS = [2, 1, 2, 0]
 
 
-def test_topk_accuracy_matches_hand_count():
+def test_topk_accuracy_matches_hand_count_without_reading_the_device(host_reads):
     result = topk_accuracy(paddle.to_tensor(LOGITS), paddle.to_tensor(LABELS), ks=(1, 2, 3, 5))
-    assert result == pytest.approx({"top1": 25.0, "top2": 50.0, "top3": 75.0, "top5": 100.0})
+    assert host_reads == []  # a training step logs these: read at log steps only
+    assert {k: float(v) for k, v in result.items()} == pytest.approx(
+        {"top1": 25.0, "top2": 50.0, "top3": 75.0, "top5": 100.0})
 
 
-def test_evaluator_accumulates_batches():
+def test_evaluator_accumulates_batches_and_reads_the_device_once(host_reads):
     evaluator = TopKEvaluator(ks=(1, 2))
     evaluator.update(paddle.to_tensor(LOGITS[:1]), paddle.to_tensor(LABELS[:1]))  # 1/1, 1/1
     evaluator.update(paddle.to_tensor(LOGITS[1:]), paddle.to_tensor(LABELS[1:]))  # 0/3, 1/3
+    assert host_reads == []
     assert evaluator.result() == pytest.approx({"top1": 25.0, "top2": 50.0, "count": 4})
+    assert host_reads == ["numpy"]
+    assert TopKEvaluator(ks=(1,)).result() == {"top1": 0.0, "count": 0}
     evaluator.reset()
     evaluator.update(paddle.to_tensor(LOGITS[2:3]), paddle.to_tensor(LABELS[2:3]))
     assert evaluator.result() == pytest.approx({"top1": 0.0, "top2": 0.0, "count": 1})

@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 import pytest
 
+from passl import distributed
 from passl.config import load_config
 from passl.engine import checkpoint
 from passl.engine.amp import MixedPrecision
@@ -235,3 +236,17 @@ def test_visualdl_sink_receives_the_numbers_of_every_record(tmp_path, monkeypatc
     assert ("train/loss", 2, pytest.approx(first_record["loss"])) in written
     assert {tag for tag, _, _ in written} >= {"train/loss", "train/lr", "train/ips",
                                               "summary/mean_ips"}
+
+
+def test_evaluate_only_builds_the_same_random_model_on_every_rank(tmp_path, monkeypatch):
+    """`--evaluate-only --as-built` with several processes: no DataParallel broadcast follows,
+    so each rank must draw the same initial weights (training ranks draw their own streams)."""
+    def weights(rank, evaluate_only):
+        monkeypatch.setattr(distributed, "get_rank", lambda: rank)
+        cfg = toy_config(tmp_path / f"rank{rank}_{evaluate_only}")
+        trainer = Trainer(load_config(write_config(cfg, tmp_path / "cfg.yaml")),
+                          evaluate_only=evaluate_only)
+        return [p.numpy() for p in trainer.model.parameters()]
+    for rank0, rank1 in zip(weights(0, True), weights(1, True)):
+        np.testing.assert_array_equal(rank0, rank1)
+    assert not np.array_equal(weights(0, False)[0], weights(1, False)[0])

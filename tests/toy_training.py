@@ -9,14 +9,18 @@ import errno
 import multiprocessing
 import os
 import signal as signal_module
+import types
 
 import numpy as np
 import paddle
+import paddle.amp.grad_scaler as grad_scaler
 import paddle.nn as nn
 import yaml
+from paddle.amp.auto_cast import amp_global_state
 
 from passl.data import DATASETS
 from passl.engine import checkpoint, metrics_log
+from passl.engine.amp import MixedPrecision
 from passl.engine.hooks import HOOKS, Hook
 from passl.evaluation.classification import evaluate as classification_evaluate
 from passl.io.safe_write import write_failure
@@ -220,3 +224,19 @@ class ToyEngineDiskFull(Hook):
             metrics_log.append_text = full_metrics_disk
         else:
             checkpoint.paddle.save = lambda obj, path, *args, **kwargs: fill_disk(path)
+
+
+def force_float16_scaler(monkeypatch):
+    """Every ``MixedPrecision`` built in this test acts as on a GPU with float16: an enabled,
+    real ``paddle.amp.GradScaler`` on CPU tensors (Paddle enables one only on a GPU place, and
+    the scaler turns itself off unless autocast last ran in float16; CPU has no such kernels,
+    so the forward pass itself stays float32)."""
+    place = types.SimpleNamespace(is_gpu_place=lambda: True, is_xpu_place=lambda: False,
+                                  is_custom_place=lambda: False)
+    monkeypatch.setattr(grad_scaler, "_dygraph_tracer",
+                        lambda: types.SimpleNamespace(_expected_place=place))
+    monkeypatch.setattr(paddle.amp, "is_float16_supported", lambda: True)
+    monkeypatch.setattr(amp_global_state(), "amp_dtype", "float16")
+    build = MixedPrecision.__init__
+    monkeypatch.setattr(MixedPrecision, "__init__",
+                        lambda self, cfg, device: build(self, cfg, "gpu"))

@@ -54,6 +54,11 @@ def main(argv=None):
     from passl.utils.logger import setup_logger
     setup_logger()  # the one-line notes of loading (e.g. a PASSL v1 file) on the console
     from passl.deploy.export import export_model
+    from passl.runtime import select_device
+    # The export is checked against the model's dygraph output at 1e-5 relative; on a GPU that
+    # reference would use TF32 (Paddle's default on Ampere and newer, 1e-4..1e-3 off), so the
+    # model is built and run on the CPU, like the predictor that checks it.
+    select_device("cpu")
     result = export_model(cfg, args.output, pretrained=args.pretrained, load=args.load,
                           what=args.what, batch_size=args.batch_size, overwrite=args.overwrite,
                           model_format=args.model_format)

@@ -16,7 +16,7 @@ import paddle
 
 from passl.errors import UserError
 from passl.io.inference_model import model_prefix
-from passl.runtime import has_gpu, threads_per_process
+from passl.runtime import has_gpu, launcher_card, threads_per_process
 
 PRECISIONS = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "gpu")
@@ -60,9 +60,8 @@ class InferenceEngine:
         config = paddle.inference.Config(graph_file, params_file)
         config.disable_glog_info()
         if self.device == "gpu":
-            # the launcher's local rank picks the card, as passl.runtime.select_device does
-            card = int(os.environ.get("PADDLE_LOCAL_RANK", "0"))
-            config.enable_use_gpu(GPU_INITIAL_POOL_MB, card)
+            # the card this process trains on (passl.runtime.select_device uses the same)
+            config.enable_use_gpu(GPU_INITIAL_POOL_MB, launcher_card())
         else:
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(int(threads or threads_per_process()))

@@ -18,6 +18,7 @@ scores up and returns a float32 scalar (see ``passl/models/losses/swav.py`` for 
 """
 import contextlib
 
+import numpy as np
 import paddle
 
 from passl.errors import ConfigError
@@ -96,11 +97,20 @@ class MixedPrecision:
         return text + (f" ({self.fallback})" if self.fallback else "")
 
     def state_dict(self):
-        return self.scaler.state_dict() if self.scaler else {}
+        """The scaler's state in the form Paddle's ``GradScaler.load_state_dict`` reads back:
+        the scale as a shape-[1] array (it reads ``state["scale"][0]``), although this class
+        keeps it 0-d while training (:meth:`_scale_as_scalar`)."""
+        if not self.scaler:
+            return {}
+        state = self.scaler.state_dict()
+        state["scale"] = scale_as_array(state["scale"])
+        return state
 
     def set_state_dict(self, state):
+        """Resume the scaler; also accepts the 0-d scale that checkpoints of earlier versions
+        of this class hold."""
         if self.scaler and state:
-            self.scaler.load_state_dict(state)
+            self.scaler.load_state_dict({**state, "scale": scale_as_array(state["scale"])})
             self._scale_as_scalar()
 
     def _scale_as_scalar(self):
@@ -109,3 +119,9 @@ class MixedPrecision:
         first overflow would end the run with a TypeError. A 0-d scale behaves the same."""
         if self.scaler is not None and getattr(self.scaler, "_scale", None) is not None:
             self.scaler._scale = self.scaler._scale.reshape([])
+
+
+def scale_as_array(scale):
+    """A saved loss scale (0-d or shape [1], array or tensor) as the shape-[1] float32 array
+    Paddle saves and loads."""
+    return np.asarray(scale, dtype="float32").reshape([1])

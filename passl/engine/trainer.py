@@ -33,7 +33,7 @@ from passl.models.weights import load_pretrained
 from passl.preemption import StopSignals, TrainingStopped
 from passl.registry import key_path_of
 from passl.runtime import (configure_cpu_threads, local_process_count, seed_everything,
-                           select_device, set_deterministic)
+                           select_device_and_join, set_deterministic)
 from passl.solver.lr_scheduler import build_lr_scheduler
 from passl.solver.optimizers import build_optimizer
 from passl.utils.logger import open_log_file, setup_logger
@@ -132,12 +132,13 @@ class Trainer:
     def _start_up(self):
         cfg = self.cfg
         threads = configure_cpu_threads(cfg.get("threads", "auto"))  # idempotent
-        self.device = select_device(cfg.get("device", "auto"))
         deterministic = set_deterministic(cfg.get("deterministic", False))
-        self.world_size = distributed.init_process_group()
+        self.device, self.world_size = select_device_and_join(cfg.get("device", "auto"))
         self.rank = distributed.get_rank()
         self.logger = setup_logger(self.output_dir, self.rank, defer_file=True)
-        seed_everything(cfg.get("seed", 0), self.rank)
+        # Training ranks draw different streams (DataParallel then broadcasts rank 0's weights);
+        # evaluating only builds no DataParallel, so every rank must build the same random model
+        seed_everything(cfg.get("seed", 0), 0 if self.evaluate_only else self.rank)
         self.logger.info(f"device {self.device}, {self.world_size} process(es), "
                          f"{threads['threads']} CPU thread(s) per process "
                          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
@@ -247,7 +248,8 @@ class Trainer:
         if self.start_epoch == 0 and self.metrics.start_fresh():
             self.logger.info("a new run: the earlier metrics.jsonl of this output_dir was moved "
                              "to metrics.previous.jsonl")
-        self.stop_signals = StopSignals(self.logger)
+        log_intervals = [h.log_interval for h in self.hooks if hasattr(h, "log_interval")]
+        self.stop_signals = StopSignals(self.logger, max_interval=min(log_intervals, default=1))
         self.stop_signals.install()
         try:
             self.call_hooks("before_run")
@@ -279,7 +281,8 @@ class Trainer:
                 self.call_hooks("after_iter")
             self.lr_scheduler.step()
             self.iter += 1
-            self._stop_if_signalled()
+            if self.stop_signals.due(self.iter, self.inner_iter + 1 == self.iters_per_epoch):
+                self._stop_if_signalled()
         done = self.epoch + 1
         interval = self.cfg.get("eval_interval", 1)
         if self.evaluators and (done % interval == 0 or done == self.epochs):
@@ -298,19 +301,20 @@ class Trainer:
         except OutputWriteError as error:
             self.write_failure = error
 
-    def _agree(self):
+    def _agree(self, steps_done=None):
         """Collective: the stop signal any rank received (0: none); raises when any rank could
-        not write its output, on every rank."""
-        signum, failed = self.stop_signals.agreed(self.write_failure is not None)
+        not write its output, on every rank. ``steps_done`` at a step boundary."""
+        signum, failed = self.stop_signals.agreed(self.write_failure is not None, steps_done)
         if failed:
             raise self.write_failure or OutputWriteError(
                 "another process could not write its output (its log says why)")
         return signum
 
     def _stop_if_signalled(self):
-        """At a step boundary: when any rank got a stop signal, all save and stop here; when
-        any rank could not write its output, all stop here without saving."""
-        signum = self._agree()
+        """At a step boundary where the ranks agree (every step with one process; see
+        :class:`~passl.preemption.StopSignals`): when any rank got a stop signal, all save and
+        stop here; when any rank could not write its output, all stop here without saving."""
+        signum = self._agree(self.iter)
         if not signum:
             return
         self.call_hooks("before_save")

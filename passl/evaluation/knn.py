@@ -13,25 +13,60 @@ from passl import distributed
 from passl.errors import UserError
 from passl.evaluation.metrics import TopKEvaluator
 
-# Queries scored against the whole bank at once: bounds the [queries, bank] similarity matrix.
+# Queries scored against the whole bank at once: at most 1024, and fewer for a large bank so
+# that their [queries, bank] float32 similarity matrix stays within 2**28 entries (1 GiB;
+# 1024 queries against ImageNet's 1.28 M images would take 5.2 GB, half the bank again).
 QUERY_CHUNK = 1024
+SIMILARITY_ENTRIES = 2 ** 28
+# Rows moved at once when the gathered bank is compacted (bounds the temporary copy).
+MOVE_CHUNK = 4096
 #: how features are computed: the dygraph model, or a Paddle Inference predictor or an
 #: onnxruntime session of it
 ENGINES = ("dygraph", "inference", "onnxruntime")
 
 
 def gather_rows(tensor):
-    """Rows of ``tensor`` from every rank, in rank order (ranks may hold different counts)."""
-    if distributed.get_world_size() == 1:
+    """Rows of ``tensor`` from every rank, in rank order (ranks may hold different counts).
+
+    The bank is the largest tensor of a kNN evaluation, so the result is its only copy: the
+    ranks gather the rows they all have (the first ``min(counts)`` of each, a view, not a
+    copy) straight into the result, whose blocks are then moved apart in place to make room
+    for the few rows only some ranks have (the evaluation loaders' shares differ by at most
+    one), gathered separately. The peak is the result plus a chunk of :data:`MOVE_CHUNK`
+    rows (and this rank's own rows, which the caller holds).
+    """
+    world_size = distributed.get_world_size()
+    if world_size == 1:
         return tensor
     counts = distributed.all_gather_object(int(tensor.shape[0]))
-    padding = max(counts) - tensor.shape[0]
-    if padding:
-        filler = paddle.zeros([padding] + list(tensor.shape[1:]), dtype=tensor.dtype)
-        tensor = paddle.concat([tensor, filler])
-    stacked = distributed.all_gather(tensor, axis=0)
-    step = max(counts)
-    return paddle.concat([stacked[rank * step: rank * step + n] for rank, n in enumerate(counts)])
+    common, extra = min(counts), max(counts) - min(counts)
+    offsets = [sum(counts[:rank]) for rank in range(world_size)]
+    rows = paddle.empty([sum(counts), *tensor.shape[1:]], dtype=tensor.dtype)
+    if common:
+        distributed.all_gather(tensor[:common], out=rows[:world_size * common])
+        for rank in reversed(range(1, world_size)):  # the last first: blocks move right
+            _move_rows(rows, rank * common, offsets[rank], common)
+    if extra:
+        rest = tensor[common:]
+        if rest.shape[0] < extra:
+            rest = paddle.concat([rest, paddle.zeros([extra - rest.shape[0], *rest.shape[1:]],
+                                                     dtype=rest.dtype)])
+        rests = distributed.all_gather(rest)
+        for rank, count in enumerate(counts):
+            if count > common:
+                rows[offsets[rank] + common:offsets[rank] + count] = \
+                    rests[rank * extra:rank * extra + count - common]
+    return rows
+
+
+def _move_rows(rows, source, destination, count):
+    """Move ``count`` rows of ``rows`` from ``source`` to a later ``destination``, in place:
+    chunk by chunk from the end, each copied out first, so no row is overwritten unread."""
+    if source == destination:
+        return
+    for end in range(count, 0, -MOVE_CHUNK):
+        start = max(0, end - MOVE_CHUNK)
+        rows[destination + start:destination + end] = rows[source + start:source + end].clone()
 
 
 def feature_function(model, engine="dygraph"):
@@ -52,6 +87,31 @@ def feature_function(model, engine="dygraph"):
     return lambda images: paddle.to_tensor(predictor(images.numpy()))
 
 
+class RowBuffer:
+    """Batches written one after the other into one tensor, sized at the first batch for
+    ``batches`` like it (a loader's batches are as large as the first, but the last): a list
+    concatenated at the end would hold every row twice at once. A batch that does not fit
+    (a larger one, or a loader of unknown length) grows the tensor by a copy."""
+
+    def __init__(self, batches=None):
+        self.batches = batches
+        self.tensor, self.filled = None, 0
+
+    def append(self, batch):
+        count, shape = batch.shape[0], list(batch.shape[1:])
+        if self.tensor is None:
+            self.tensor = paddle.empty([count * (self.batches or 1), *shape], dtype=batch.dtype)
+        elif self.filled + count > self.tensor.shape[0]:
+            more = paddle.empty([max(self.filled, count), *shape], dtype=batch.dtype)
+            self.tensor = paddle.concat([self.tensor[:self.filled], more])
+        self.tensor[self.filled:self.filled + count] = batch
+        self.filled += count
+
+    def rows(self):
+        """The rows appended so far (a view of the tensor)."""
+        return self.tensor[:self.filled]
+
+
 def extract_features(model, loader, gather=True, features_of=None):
     """L2-normalised ``model.extract_features`` of every image in ``loader``, with labels.
 
@@ -63,7 +123,11 @@ def extract_features(model, loader, gather=True, features_of=None):
     Returns:
         ``(features [N, C] float32, labels [N] int64)``.
     """
-    features, labels = [], []
+    try:
+        batches = len(loader)
+    except TypeError:  # an iterable without a length
+        batches = None
+    features, labels = RowBuffer(batches), RowBuffer(batches)
     was_training = model.training
     model.eval()
     try:
@@ -76,9 +140,9 @@ def extract_features(model, loader, gather=True, features_of=None):
     finally:
         if was_training:
             model.train()
-    if not features:
+    if not features.filled:
         raise UserError("kNN: a loader yielded no images; check its dataset root/size")
-    features, labels = paddle.concat(features), paddle.concat(labels)
+    features, labels = features.rows(), labels.rows()
     if gather:
         features, labels = gather_rows(features), gather_rows(labels)
     return features, labels
@@ -119,8 +183,9 @@ def knn_evaluate(model, train_loader, val_loader, k=20, temperature=0.07, ks=(1,
     num_classes = int(bank_labels.max()) + 1
     evaluator = TopKEvaluator(ks)
     with paddle.no_grad():
-        for start in range(0, queries.shape[0], QUERY_CHUNK):
-            chunk = slice(start, start + QUERY_CHUNK)
+        per_chunk = max(1, min(QUERY_CHUNK, SIMILARITY_ENTRIES // bank.shape[0]))
+        for start in range(0, queries.shape[0], per_chunk):
+            chunk = slice(start, start + per_chunk)
             votes = knn_votes(queries[chunk], bank, bank_labels, num_classes, k, temperature)
             evaluator.update(votes, query_labels[chunk])
     result = evaluator.result()

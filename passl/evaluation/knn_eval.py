@@ -14,7 +14,7 @@ from passl.errors import ConfigError, UserError
 from passl.evaluation.knn import knn_evaluate
 from passl.models import MODELS
 from passl.models.weights import load_pretrained
-from passl.runtime import configure_cpu_threads, seed_everything, select_device
+from passl.runtime import configure_cpu_threads, seed_everything, select_device_and_join
 from passl.utils.logger import open_log_file, setup_logger
 
 
@@ -52,8 +52,7 @@ def run_knn_eval(cfg, pretrained=None, k=20, temperature=0.07, trust_file=False,
     are read before anything is written to ``output_dir``, so a refused file leaves no trace.
     """
     configure_cpu_threads(cfg.get("threads", "auto"))
-    select_device(cfg.get("device", "auto"))
-    distributed.init_process_group()
+    select_device_and_join(cfg.get("device", "auto"))
     rank = distributed.get_rank()
     output_dir = cfg.get("output_dir") or "output"
     seed = cfg.get("seed", 0)

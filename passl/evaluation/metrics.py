@@ -29,10 +29,15 @@ def topk_correct(logits, labels, ks=(1, 5)):
 
 
 def topk_accuracy(logits, labels, ks=(1, 5)):
-    """Top-k accuracy in percent of one batch: ``{'top1': float, 'top5': float, ...}``."""
-    count = labels.shape[0]
+    """Top-k accuracy in percent of one batch: ``{'top1': Tensor, 'top5': Tensor, ...}``.
+
+    The values are float64 scalar tensors on the logits' device: converting them to Python
+    numbers would wait for the GPU every training step; ``LoggerHook`` sums them there and
+    reads them once per record.
+    """
+    count = max(int(labels.shape[0]), 1)  # a shape: known on the host
     correct = topk_correct(logits, labels, ks)
-    return {f"top{k}": 100.0 * float(correct[k]) / max(count, 1) for k in ks}
+    return {f"top{k}": correct[k].astype("float64") * (100.0 / count) for k in ks}
 
 
 class TopKEvaluator:
@@ -40,7 +45,8 @@ class TopKEvaluator:
 
     Each rank updates with its own share of the val set; the result is the accuracy over
     the union of all shares (a sampler that pads the last batch with repeated samples
-    counts those repeats too).
+    counts those repeats too). The hits are summed on the device and read once, in
+    :meth:`result`, not per batch.
     """
 
     def __init__(self, ks=(1, 5)):
@@ -48,18 +54,20 @@ class TopKEvaluator:
         self.reset()
 
     def reset(self):
-        self._correct = {k: 0 for k in self.ks}
+        self._correct = None  # hits per k: a tensor on the device of the first batch
         self._count = 0
 
     def update(self, logits, labels):
-        for k, hits in topk_correct(logits, labels, self.ks).items():
-            self._correct[k] += int(hits)
+        hits = topk_correct(logits, labels, self.ks)
+        hits = paddle.stack([hits[k] for k in self.ks])
+        self._correct = hits if self._correct is None else self._correct + hits
         self._count += int(labels.shape[0])
 
     def result(self):
         """``{'top1': percent, 'top5': percent, 'count': samples}`` over every rank."""
-        totals = paddle.to_tensor([self._correct[k] for k in self.ks] + [self._count],
-                                  dtype="int64")
+        correct = paddle.zeros([len(self.ks)], dtype="int64") if self._correct is None \
+            else self._correct
+        totals = paddle.concat([correct, paddle.to_tensor([self._count], dtype="int64")])
         totals = distributed.all_reduce(totals, op="sum").numpy()
         count = int(totals[-1])
         result = {f"top{k}": 100.0 * int(hits) / max(count, 1) for k, hits in zip(self.ks, totals)}

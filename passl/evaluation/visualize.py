@@ -19,7 +19,7 @@ from passl.evaluation.knn_eval import deterministic_block, memory_bank_blocks
 from passl.models import MODELS
 from passl.models.weights import load_pretrained
 from passl.registry import source_of
-from passl.runtime import seed_everything, select_device
+from passl.runtime import seed_everything, select_device_and_join
 
 SPLITS = ("train", "val")
 
@@ -41,8 +41,7 @@ def image_set_blocks(cfg):
 
 def start(cfg):
     """Device and process group for a visualize run; returns this process's rank."""
-    select_device(cfg.get("device", "auto"))
-    distributed.init_process_group()
+    select_device_and_join(cfg.get("device", "auto"))
     return distributed.get_rank()
 
 
