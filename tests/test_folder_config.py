@@ -5,7 +5,7 @@ import numpy as np
 
 from passl.config import load_config
 from passl.engine.trainer import Trainer
-from passl.engine.metrics_log import read_metrics
+from passl.io.metrics_log import read_metrics
 from tiny_image_folder import write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

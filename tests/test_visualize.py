@@ -16,9 +16,9 @@ from scipy.stats import entropy
 from passl.cli import run_cli
 from passl.config import load_config
 from passl.data import DATASETS
-from passl.engine.checkpoint import KIND
 from passl.errors import UserError
 from passl.evaluation import feature_map, prototypes, visualize
+from passl.io.checkpoint import KIND
 from passl.models import MODELS
 from passl.utils import plot_visualize, plotting
 from test_cli import assert_one_line_error

@@ -16,9 +16,9 @@ import paddle.nn as nn
 import yaml
 
 from passl.data import DATASETS
-from passl.engine import checkpoint, metrics_log
 from passl.engine.hooks import HOOKS, Hook
 from passl.evaluation.classification import evaluate as classification_evaluate
+from passl.io import checkpoint, metrics_log
 from passl.io.safe_write import write_failure
 from passl.models import MODELS
 

@@ -51,10 +51,10 @@ def main(argv=None):
     if not args.output.endswith(".pdparams"):
         raise UserError(f"--output {args.output}: weights files end in .pdparams")
     from passl.config import load_config
-    from passl.engine.checkpoint import write_atomic
+    from passl.io.checkpoint import write_atomic
     from passl.models.torch_weights import (convert_torch_weights, describe, read_torch_states,
                                             resnet_width)
-    from passl.models.weights import num_values
+    from passl.io.weights import num_values
     states = read_torch_states(args.sources)
     config = args.config or default_config(args.model, resnet_width(states))
     cfg = load_config(config, args.override)

@@ -26,7 +26,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    from passl.models.weights import extract_weights
+    from passl.io.weights import extract_weights
     written = extract_weights(args.checkpoint, args.output, args.prefix, args.remove_prefix,
                               trust=args.trust_file)
     print(f"wrote {written['tensors']} tensors ({written['values']:,} values) "

@@ -11,7 +11,7 @@ import paddle.nn.functional as F
 
 from passl import distributed
 from passl.errors import UserError
-from passl.evaluation.metrics import TopKEvaluator
+from passl.utils.accuracy import TopKEvaluator
 
 # Queries scored against the whole bank at once: bounds the [queries, bank] similarity matrix.
 QUERY_CHUNK = 1024

@@ -11,13 +11,13 @@ import numpy as np
 
 from passl import distributed
 from passl.data import DATASETS, build_dataloader
-from passl.engine.checkpoint import checkpoint_dir, epoch_checkpoints, load_model_weights
 from passl.errors import ConfigError, UserError
 from passl.evaluation import feature_map, prototypes
 from passl.evaluation.knn import extract_features, knn_evaluate
 from passl.evaluation.knn_eval import deterministic_block, memory_bank_blocks
+from passl.io.checkpoint import checkpoint_dir, epoch_checkpoints, load_model_weights
+from passl.io.weights import load_pretrained
 from passl.models import MODELS
-from passl.models.weights import load_pretrained
 from passl.registry import source_of
 from passl.runtime import seed_everything, select_device
 

@@ -6,21 +6,23 @@ checkpoint's model whose names start with a prefix (``backbone.`` by default);
 :func:`load_pretrained` (``tools/train.py --pretrained``, ``tools/knn_eval.py --pretrained``)
 loads such a file into a layer and refuses, by default, a file that does not fit it exactly.
 """
+import logging
 import os
 from collections import OrderedDict
 
 import numpy as np
 
-from passl.engine.checkpoint import KIND as CHECKPOINT_KIND, write_atomic
 from passl.errors import UserError
+from passl.io.checkpoint import KIND as CHECKPOINT_KIND, write_atomic
 from passl.io.paddle_file import load_paddle_file
 from passl.io.safe_write import reporting_write_errors
-from passl.utils.logger import get_logger
 
 WEIGHTS_SUFFIX = ".pdparams"
 BACKBONE_PREFIX = "backbone."
 # How many names an error message shows before "...".
 SHOWN_NAMES = 3
+# The toolkit's logger, by name: passl.utils.logger (a layer above this one) configures it.
+_LOGGER = logging.getLogger("passl")
 
 
 def names_preview(keys):
@@ -137,7 +139,7 @@ def load_pretrained(layer, path, strict=True, trust=False):
         raise UserError(where + "; check that the backbone config matches the pretrained model "
                                 "(or pass --pretrained-nonstrict to load only the matching tensors)")
     if problems:
-        get_logger().warning(where + f"; loading the {len(report['loaded'])} matching tensors")
+        _LOGGER.warning(where + f"; loading the {len(report['loaded'])} matching tensors")
     loaded = set(report["loaded"])
     # Tensors that do not load keep their current values (and Paddle has nothing to warn about).
     layer.set_state_dict({name: weights[name] if name in loaded else value
