@@ -20,6 +20,7 @@ key path and the file it came from, so errors raised while building can name bot
 """
 import copy
 import difflib
+import functools
 import glob
 import os
 
@@ -104,7 +105,7 @@ def _shown(path):
 
 
 def similar_config_files(path, n=3):
-    """The existing YAML files whose names are closest to the missing ``path`` (a mistyped
+    """The existing YAML files (absolute paths) whose names are closest to the missing ``path`` (a mistyped
     ``-c``): looked for in its folder or, when that folder is missing too, in the folders
     beside it (``configs/swavv/x.yaml`` finds ``configs/swav/x.yaml``)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -115,11 +116,12 @@ def similar_config_files(path, n=3):
                   for found in glob.glob(os.path.join(search, f"{pattern}.{ext}"))}
     wanted = os.path.relpath(os.path.abspath(path), search)
     close = difflib.get_close_matches(wanted, sorted(candidates), n=n, cutoff=0.6)
-    return [_shown(candidates[name]) for name in close]
+    return [candidates[name] for name in close]
 
 
-def _missing_file_hint(path):
-    close = similar_config_files(path)
+def _missing_file_hint(path, shown=_shown):
+    """' (did you mean: a, b?)' with :func:`similar_config_files`, each path as ``shown``."""
+    close = [shown(found) for found in similar_config_files(path)]
     return f" (did you mean: {', '.join(close)}?)" if close else ""
 
 
@@ -178,8 +180,9 @@ def _load_with_bases(path, seen):
     for base in bases:
         base_path = os.path.join(os.path.dirname(path), base)
         if not os.path.isfile(base_path):
+            as_written = functools.partial(os.path.relpath, start=os.path.dirname(path))
             raise ConfigError(f"{path}: _base_ file not found: {base} (looked for {base_path})"
-                              f"{_missing_file_hint(base_path)}")
+                              f"{_missing_file_hint(base_path, shown=as_written)}")
         merged = merge(merged, _load_with_bases(base_path, seen + [path]))
     return merge(merged, data)
 
