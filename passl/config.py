@@ -19,6 +19,9 @@ Every mapping of a loaded config is a :class:`ConfigDict` that knows its dotted
 key path and the file it came from, so errors raised while building can name both.
 """
 import copy
+import difflib
+import functools
+import glob
 import os
 
 import yaml
@@ -95,9 +98,36 @@ def _wrap(value, key_path, source):
     return value
 
 
+def _shown(path):
+    """``path`` as a user types it: relative to the current folder when below it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
+def similar_config_files(path, n=3):
+    """The existing YAML files (absolute paths) whose names are closest to the missing ``path`` (a mistyped
+    ``-c``): looked for in its folder or, when that folder is missing too, in the folders
+    beside it (``configs/swavv/x.yaml`` finds ``configs/swav/x.yaml``)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    search = folder if os.path.isdir(folder) else os.path.dirname(folder)
+    pattern = "*" if search == folder else os.path.join("*", "*")
+    candidates = {os.path.relpath(found, search): found
+                  for ext in ("yaml", "yml")
+                  for found in glob.glob(os.path.join(search, f"{pattern}.{ext}"))}
+    wanted = os.path.relpath(os.path.abspath(path), search)
+    close = difflib.get_close_matches(wanted, sorted(candidates), n=n, cutoff=0.6)
+    return [candidates[name] for name in close]
+
+
+def _missing_file_hint(path, shown=_shown):
+    """' (did you mean: a, b?)' with :func:`similar_config_files`, each path as ``shown``."""
+    close = [shown(found) for found in similar_config_files(path)]
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
 def _read_yaml(path):
     if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {_shown(path)}{_missing_file_hint(path)}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
@@ -150,7 +180,9 @@ def _load_with_bases(path, seen):
     for base in bases:
         base_path = os.path.join(os.path.dirname(path), base)
         if not os.path.isfile(base_path):
-            raise ConfigError(f"{path}: _base_ file not found: {base} (looked for {base_path})")
+            as_written = functools.partial(os.path.relpath, start=os.path.dirname(path))
+            raise ConfigError(f"{path}: _base_ file not found: {base} (looked for {base_path})"
+                              f"{_missing_file_hint(base_path, shown=as_written)}")
         merged = merge(merged, _load_with_bases(base_path, seen + [path]))
     return merge(merged, data)
 

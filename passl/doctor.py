@@ -17,8 +17,8 @@ import paddle
 
 from passl import distributed
 from passl.data.device_input import loaders_need, shared_memory_status
-from passl.engine import checkpoint
 from passl.engine.amp import MixedPrecision
+from passl.io import checkpoint
 from passl.models import MODELS
 from passl.solver.optimizers import build_optimizer
 

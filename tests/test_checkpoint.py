@@ -9,10 +9,10 @@ import paddle
 import pytest
 
 from passl.config import load_config
-from passl.engine import checkpoint
-from passl.engine.metrics_log import read_metrics
 from passl.engine.trainer import Trainer
 from passl.errors import UserError
+from passl.io import checkpoint
+from passl.io.metrics_log import read_metrics
 from toy_training import toy_config, write_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))

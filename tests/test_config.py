@@ -114,3 +114,21 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
     path = write(tmp_path, "c.yaml", "epochs: 1\nmodel: {name: X, a: 1\n  b: 2}\n")
     with pytest.raises(ConfigError, match=r"c\.yaml:3:4: not valid YAML: expected ',' or '}'"):
         load_config(path)
+
+
+def test_a_mistyped_config_path_names_the_nearest_files(tmp_path):
+    configs = tmp_path / "configs" / "swav"
+    configs.mkdir(parents=True)
+    for name in ("swav_r18_digits.yaml", "swav_r50_100ep.yaml", "notes.txt"):
+        (configs / name).write_text("epochs: 1\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(configs / "swav_r18_digit.yaml"))
+    assert "(did you mean: " + str(configs / "swav_r18_digits.yaml") in str(error.value)  # first
+    with pytest.raises(ConfigError, match=r"did you mean: \S*configs/swav/swav_r50_100ep\.yaml[,?]"):
+        load_config(str(tmp_path / "configs" / "swavv" / "swav_r50_100ep.yaml"))  # folder typo
+    with pytest.raises(ConfigError) as error:
+        load_config(str(configs / "unrelated.yaml"))
+    assert "did you mean" not in str(error.value)
+    with pytest.raises(ConfigError, match=r"_base_ file not found: swav_r50_10ep\.yaml .*did you "
+                                          r"mean: swav_r50_100ep\.yaml[,?]"):
+        load_config(write(configs, "child.yaml", "_base_: swav_r50_10ep.yaml\n"))

@@ -20,10 +20,10 @@ import yaml
 
 from passl.cli import run_cli
 from passl.config import load_config
+from passl.io.weights import load_pretrained
 from passl.models import MODELS
 from passl.models.architectures.swav import swav_from_torch
 from passl.models.torch_weights import expected_shapes, map_torch_state
-from passl.models.weights import load_pretrained
 from test_cli import assert_one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,11 +15,11 @@ from passl.data import DATASETS, build_dataloader
 from passl.deploy import engine as deploy_engine
 from passl.deploy.engine import InferenceEngine, compile_layer
 from passl.deploy.predict import Predictor, file_list_path
-from passl.engine.checkpoint import load_model_weights
 from passl.engine.trainer import Trainer
 from passl.errors import ConfigError, UserError
 from passl.evaluation.knn import extract_features, feature_function, knn_evaluate
 from passl.evaluation.knn_eval import memory_bank_blocks
+from passl.io.checkpoint import load_model_weights
 from passl.io.inference_model import META_FILE, read_model_dir
 from passl.models import MODELS
 from tiny_image_folder import write_config

@@ -5,10 +5,10 @@ import pytest
 
 from passl.config import load_config
 from passl.data import build_dataloader
-from passl.engine.checkpoint import load_model_weights
-from passl.engine.metrics_log import read_metrics
 from passl.engine.trainer import Trainer
 from passl.evaluation.knn import knn_evaluate
+from passl.io.checkpoint import load_model_weights
+from passl.io.metrics_log import read_metrics
 from passl.models import MODELS
 from tiny_image_folder import linear_config, write_config, write_image_folder
 

@@ -7,9 +7,9 @@ import numpy as np
 import paddle
 import pytest
 
-from passl.engine.checkpoint import KIND, VERSION, save_checkpoint
+from passl.io.checkpoint import KIND, VERSION, save_checkpoint
+from passl.io.weights import load_pretrained
 from passl.models import BACKBONES, MODELS
-from passl.models.weights import load_pretrained
 from test_cli import assert_one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

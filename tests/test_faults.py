@@ -15,13 +15,13 @@ import pytest
 from passl import distributed, preemption
 from passl.config import load_config, save_config
 from passl.data.loader import ResumableBatchSampler, set_loader_epoch, worker_death
-from passl.engine import checkpoint
 from passl.engine.continuation import how_to_continue, training_command
-from passl.engine.metrics_log import MetricsLog, read_metrics
 from passl.engine.trainer import Trainer
+from passl.io import checkpoint
 from passl.io import safe_write
+from passl.io.metrics_log import MetricsLog, read_metrics
 from passl.io.safe_write import OutputWriteError
-from passl.models.weights import extract_weights
+from passl.io.weights import extract_weights
 from passl.preemption import (STOP_SIGNALS, STOPPED_STATUS, StopSignals, TrainingStopped,
                               interrupt_on_stop_signals)
 from passl.utils.logger import LogFileHandler

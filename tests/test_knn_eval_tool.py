@@ -14,8 +14,8 @@ from passl.data import build_dataloader
 from passl.errors import ConfigError
 from passl.evaluation.knn import knn_evaluate
 from passl.evaluation.knn_eval import memory_bank_blocks
+from passl.io.weights import load_pretrained
 from passl.models import BACKBONES, MODELS
-from passl.models.weights import load_pretrained
 from tiny_image_folder import TINY_RESNET, linear_config, write_config, write_image_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

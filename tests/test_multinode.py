@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from passl.engine.metrics_log import read_metrics
+from passl.io.metrics_log import read_metrics
 from passl.rendezvous import diagnose, launcher_option
 from test_multiprocess_train import CLI, deterministic_config, tiny_swav_config
 from tiny_image_folder import write_image_folder

@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from passl.engine.metrics_log import read_metrics
+from passl.io.metrics_log import read_metrics
 from tiny_image_folder import TINY_RESNET, write_image_folder
 from toy_training import toy_config, write_config
 

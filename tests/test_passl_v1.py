@@ -20,12 +20,12 @@ import yaml
 import passl_v1_reference as v1
 from passl.cli import run_cli
 from passl.config import load_config
-from passl.engine.checkpoint import load_model_weights
 from passl.errors import UserError
+from passl.io.checkpoint import load_model_weights
 from passl.io.paddle_file import load_paddle_file
+from passl.io.weights import load_pretrained
 from passl.models import BACKBONES, MODELS
 from passl.models.passl_v1 import model_state, recognise
-from passl.models.weights import load_pretrained
 from passl.utils.logger import get_logger
 from test_cli import assert_one_line_error
 

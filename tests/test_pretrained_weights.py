@@ -4,8 +4,8 @@ import paddle
 import pytest
 
 from passl.errors import UserError
+from passl.io.weights import load_pretrained
 from passl.models import BACKBONES
-from passl.models.weights import load_pretrained
 
 TINY_RESNET = {"name": "ResNet", "depth": 18, "layers": [1, 1, 1, 1], "base_width": 8,
                "stem": "small"}

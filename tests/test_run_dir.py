@@ -6,7 +6,7 @@ import sys
 import paddle
 import pytest
 
-from passl.engine.metrics_log import read_metrics
+from passl.io.metrics_log import read_metrics
 from test_cli import assert_one_line_error
 from toy_training import toy_config, write_config
 

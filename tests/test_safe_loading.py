@@ -16,13 +16,13 @@ from paddle.base.core import GeneratorState
 
 from passl.cli import ArgumentParser, add_trust_file_argument
 from passl.config import load_config
-from passl.engine.checkpoint import KIND, VERSION
 from passl.engine.trainer import Trainer
 from passl.errors import UserError
+from passl.io.checkpoint import KIND, VERSION
 from passl.io.paddle_file import load_paddle_file
 from passl.io.safe_pickle import UnsafeFileError
+from passl.io.weights import extract_weights
 from passl.models import MODELS
-from passl.models.weights import extract_weights
 from test_cli import assert_one_line_error
 from test_multiprocess_train import tiny_swav_config
 from tiny_image_folder import linear_config, write_config, write_image_folder

@@ -10,8 +10,8 @@ import pytest
 from passl.config import load_config
 from passl.engine.hooks.health_hook import HealthHook, TrainingDiverged
 from passl.engine.hooks.logger_hook import LoggerHook
-from passl.engine.metrics_log import MetricsLog, read_metrics
 from passl.engine.trainer import Trainer
+from passl.io.metrics_log import MetricsLog, read_metrics
 from toy_training import force_float16_scaler, toy_config, write_config
 
 

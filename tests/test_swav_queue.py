@@ -6,7 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from passl.engine.hooks.swav_hook import SwAVHook
+from passl.engine.hooks.swav_hook import SwAVHook, queue_fill_warning
 from passl.errors import ConfigError
 from passl.models.losses.swav import SwAVLoss, swav_loss
 from passl.models.losses.swav_queue import SwAVQueue, queue_rows_per_rank
@@ -133,8 +133,8 @@ TINY_SWAV = {
 }
 
 
-def fake_trainer(model, batch_size=4, iters_per_epoch=3, world_size=1):
-    return types.SimpleNamespace(model=model, iters_per_epoch=iters_per_epoch,
+def fake_trainer(model, batch_size=4, iters_per_epoch=3, world_size=1, epochs=10):
+    return types.SimpleNamespace(model=model, iters_per_epoch=iters_per_epoch, epochs=epochs,
                                  global_batch_size=batch_size * world_size,
                                  world_size=world_size, logger=get_logger(), epoch=0, iter=0)
 
@@ -223,3 +223,25 @@ def test_freezing_zero_iterations_leaves_gradients_alone():
     model((crops(4, seed=0), None))["loss"].backward()
     hook.after_backward(trainer)
     assert model.head.prototype_weights()[0].grad is not None
+
+
+@pytest.mark.parametrize("epochs, when", [(100, "first used in epoch 16 of 100"),
+                                          (10, "this run never uses it")])
+def test_a_queue_longer_than_an_epoch_is_warned_about(log_messages, epochs, when):
+    """swav_r18_folder.yaml on 201 images: 3 steps of 64 per epoch, a queue of 1920 from
+    epoch 5 (0-based) is full after 30 steps, the last of epoch 15 (1-based)."""
+    paddle.seed(0)
+    trainer = fake_trainer(MODELS.build(TINY_SWAV), batch_size=32, iters_per_epoch=3,
+                           world_size=2, epochs=epochs)
+    SwAVHook(freeze_prototypes_epochs=1, queue_length=1920, epoch_queue_starts=5).before_run(trainer)
+    warning = [m for m in log_messages if "an epoch yields only" in m]
+    assert len(warning) == 1
+    assert warning[0].startswith("SwAV queue: 1920 embeddings per assignment crop, but an epoch "
+                                 "yields only 192 (3 steps of 64): it fills in 10.0 epochs")
+    assert when in warning[0] and "queue_length to at most 192" in warning[0]
+
+
+def test_a_queue_within_an_epoch_is_not_warned_about():
+    assert queue_fill_warning(192, 3, 64, 5, 100) is None
+    assert queue_fill_warning(3840, 5005, 256, 15, 200) is None  # the paper's batch-256 recipe
+    assert "fills in 1.5 epochs" in queue_fill_warning(192, 2, 64, 0, 2)

@@ -15,8 +15,8 @@ from passl.data import DATASETS
 from passl.data.image_io import decode_image
 from passl.data.shards import ShardBatchSampler, epoch_order
 from passl.data.transforms import build_pipeline
-from passl.engine.metrics_log import read_metrics
 from passl.engine.trainer import Trainer
+from passl.io.metrics_log import read_metrics
 from passl.io.tar_shards import ShardError
 from test_multiprocess_train import CLI, tiny_swav_config
 from tiny_image_folder import write_image_folder

@@ -3,7 +3,7 @@ import paddle
 import pytest
 
 from passl.evaluation.classification import evaluate
-from passl.evaluation.metrics import TopKEvaluator, topk_accuracy
+from passl.utils.accuracy import TopKEvaluator, topk_accuracy
 
 # Four samples, four classes. Ranking of the classes per row (best first):
 #   row 0: 2, 0, 1, 3   label 2 -> top1 hit

@@ -11,12 +11,12 @@ import pytest
 
 from passl import distributed
 from passl.config import load_config
-from passl.engine import checkpoint
 from passl.engine.amp import MixedPrecision
 from passl.engine.hooks.health_hook import HealthHook, TrainingDiverged
-from passl.engine.metrics_log import MetricsLog, read_metrics
 from passl.engine.trainer import Trainer
 from passl.errors import ConfigError, UserError
+from passl.io import checkpoint
+from passl.io.metrics_log import MetricsLog, read_metrics
 from passl.solver.optimizers import build_optimizer
 from test_lr_scheduler import reference_swav_schedule
 from toy_training import toy_config, write_config

@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 
 import cv2
 import numpy as np
@@ -16,9 +17,9 @@ from scipy.stats import entropy
 from passl.cli import run_cli
 from passl.config import load_config
 from passl.data import DATASETS
-from passl.engine.checkpoint import KIND
 from passl.errors import UserError
 from passl.evaluation import feature_map, prototypes, visualize
+from passl.io.checkpoint import KIND
 from passl.models import MODELS
 from passl.utils import plot_visualize, plotting
 from test_cli import assert_one_line_error
@@ -235,7 +236,7 @@ def test_configs_without_image_sets_or_prototypes_are_one_line_errors(setup, tmp
     no_images = write_config(tmp_path / "no_images.yaml", cfg)
     code, err = run_tool_in_process(capsys, "prototypes", "-c", no_images, "--load", setup["ckpt"],
                                     "--output", str(tmp_path / "g.png"))
-    assert_one_line_error(code, err, "dataloader.train", "pass --data CFG")
+    assert_one_line_error(code, err, "dataloader.train", "pass --data CFG or --data DIR")
     # --data supplies them; a Classification model has no prototypes to show
     linear = write_config(tmp_path / "linear.yaml", linear_config(setup["data"], tmp_path / "o"))
     code, err = run_tool_in_process(capsys, "prototypes", "-c", linear, "--load", setup["ckpt"],
@@ -282,13 +283,108 @@ def test_two_processes_draw_what_one_process_draws(tmp_path):
     np.testing.assert_array_equal(pictures[1], pictures[2])
 
 
-def test_imagenet_configs_take_their_images_from_the_linear_config():
+def test_imagenet_configs_show_their_training_images_and_ask_for_labels_for_the_map():
     swav = load_config(os.path.join(ROOT, "configs", "swav", "swav_r50_100ep.yaml"))
-    with pytest.raises(UserError, match=r"no KNNHook either: pass --data CFG .*swav_clas_r50"):
-        visualize.image_set_blocks(swav)
+    blocks = visualize.image_set_blocks(swav)
+    assert list(blocks) == ["train"]  # galleries and usage: the training images, once each
+    assert blocks["train"]["dataset"]["root"] == swav.dataloader.train.dataset.root
+    assert blocks["train"]["dataset"]["transforms"] == [  # the first multi-crop size, 224
+        {"name": "Resize", "size": 224}, {"name": "CenterCrop", "size": 224}, NORMALIZE]
     linear = load_config(os.path.join(ROOT, "configs", "swav", "swav_clas_r50.yaml"))
     blocks = visualize.image_set_blocks(linear)
     val_transforms = linear.dataloader.val.dataset.transforms
     assert blocks["train"]["dataset"]["root"] == linear.dataloader.train.dataset.root
     assert blocks["train"]["dataset"]["transforms"] == val_transforms  # no random crops
     assert blocks["train"]["sampler"]["shuffle"] is False
+
+
+# ---------------------------------------------------------------- your own images
+
+FOLDER_CONFIG = os.path.join(ROOT, "configs", "swav", "swav_r18_folder.yaml")
+CLASS_NAMES = ["cat", "dog", "fox"]
+VIEW = 32  # the folder config's multi-crop sizes, made small
+
+
+@pytest.fixture(scope="module")
+def own_images(tmp_path_factory):
+    """swav_r18_folder.yaml on a folder of 24 images in class folders named as animals, a
+    tiny model in its shape and a checkpoint of it."""
+    base = tmp_path_factory.mktemp("own")
+    data = write_image_folder(base / "data")
+    for label, name in enumerate(CLASS_NAMES):
+        (data / "train" / str(label)).rename(data / "train" / name)
+    overrides = [f"dataloader.train.dataset.root={data / 'train'}",
+                 f"dataloader.train.dataset.transforms.0.size_crops=[{VIEW},16]",
+                 "+model.backbone.layers=[1,1,1,1]", "+model.backbone.base_width=8",
+                 "+model.backbone.stem=small", "model.neck.in_dim=64", "model.neck.hidden_dim=16",
+                 "model.neck.out_dim=8", "model.head.in_dim=8",
+                 f"model.head.num_prototypes={NUM_PROTOTYPES}", "device=cpu"]
+    config = str(base / "own.yaml")
+    cfg = load_config(FOLDER_CONFIG, overrides)
+    write_config(base / "own.yaml", cfg.to_dict())
+    model = save_model(cfg, base / "model.pd", seed=5)
+    return {"base": base, "train": data / "train", "config": config, "cfg": cfg, "model": model,
+            "ckpt": str(base / "model.pd")}
+
+
+def single_views(folder):
+    """Every image of ``folder`` resized, centre-cropped to VIEW and normalised, in order."""
+    dataset = DATASETS.build({"name": "ImageFolder", "root": str(folder), "transforms": [
+        {"name": "Resize", "size": VIEW}, {"name": "CenterCrop", "size": VIEW}, NORMALIZE]})
+    return [dataset[i][0] for i in range(len(dataset))], dataset
+
+
+def test_gallery_and_usage_work_from_the_training_folder_alone(own_images, tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plot_visualize, "draw_gallery",
+                        lambda rows, output, title, size: drawn.update(title=title))
+    result = visualize.prototype_gallery(own_images["cfg"], own_images["ckpt"],
+                                         str(tmp_path / "g.png"), top=2, count=3)
+    images, _ = single_views(own_images["train"])
+    expected = np.bincount(scores_one_by_one(own_images["model"], images).argmax(1),
+                           minlength=NUM_PROTOTYPES)
+    np.testing.assert_array_equal(result["counts"], expected)
+    assert "of 24 train images" in drawn["title"]
+    history = visualize.assignment_usage(own_images["cfg"], str(tmp_path / "u.png"),
+                                         load=own_images["ckpt"])
+    np.testing.assert_array_equal(history[0]["counts"], expected)
+    with pytest.raises(UserError, match=r"--split val: there is no val image set here"):
+        visualize.assignment_usage(own_images["cfg"], str(tmp_path / "u.png"),
+                                   load=own_images["ckpt"], split="val")
+
+
+def test_feature_map_asks_for_labels_in_one_line(own_images, tmp_path, capsys):
+    code, err = run_tool_in_process(capsys, "features", "-c", own_images["config"], "--load",
+                                    own_images["ckpt"], "--output", str(tmp_path / "f.png"))
+    assert_one_line_error(code, err, "features", "pass --data DIR",
+                          "one subfolder of images per class")
+
+
+def test_feature_map_of_a_class_folder_holds_out_queries_and_names_the_classes(
+        own_images, tmp_path, monkeypatch):
+    drawn = {}
+    monkeypatch.setattr(plot_visualize, "draw_feature_maps",
+                        lambda panels, method, output, names: drawn.update(names=names))
+    panels = visualize.feature_maps(own_images["cfg"], str(tmp_path / "f.png"),
+                                    load=own_images["ckpt"], method="pca",
+                                    data_cfg=str(own_images["train"]), k=3)
+    _, dataset = single_views(own_images["train"])
+    # a fifth of each class of 8 (2) are the queries, in folder order
+    assert np.bincount(panels[1]["labels"]).tolist() == [2, 2, 2]
+    assert panels[1]["points"].shape == (6, 2)
+    assert drawn["names"] == CLASS_NAMES
+    with tempfile.TemporaryDirectory() as scratch:
+        blocks = visualize.folder_image_sets(str(own_images["train"]), VIEW, scratch)
+        bank = DATASETS.build(blocks["train"]["dataset"]).relative_paths()
+        queries = DATASETS.build(blocks["val"]["dataset"]).relative_paths()
+    assert not set(bank) & set(queries)
+    assert sorted(bank + queries) == sorted(dataset.relative_paths())
+
+
+def test_the_legend_names_the_classes(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(plot_visualize, "save_figure", lambda figure, path: figures.append(figure))
+    panel = {"title": "t", "points": np.zeros((3, 2)), "labels": np.array([0, 2, 1])}
+    plot_visualize.draw_feature_maps([panel], "pca", str(tmp_path / "f.png"), CLASS_NAMES)
+    legend = figures[0].axes[-1].get_legend()
+    assert [text.get_text() for text in legend.get_texts()] == CLASS_NAMES

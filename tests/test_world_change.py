@@ -8,10 +8,11 @@ import paddle
 import pytest
 
 from passl.config import load_config
-from passl.engine import checkpoint, world_change
-from passl.engine.metrics_log import read_metrics
+from passl.engine import world_change
 from passl.engine.trainer import Trainer
 from passl.errors import UserError
+from passl.io import checkpoint
+from passl.io.metrics_log import read_metrics
 from passl.models.losses.swav_queue import SwAVQueue, queue_union, shard_queue_union
 from passl.solver.lr_scheduler import CosineWarmup
 from passl.utils.logger import get_logger

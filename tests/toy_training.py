@@ -19,10 +19,10 @@ import yaml
 from paddle.amp.auto_cast import amp_global_state
 
 from passl.data import DATASETS
-from passl.engine import checkpoint, metrics_log
 from passl.engine.amp import MixedPrecision
 from passl.engine.hooks import HOOKS, Hook
 from passl.evaluation.classification import evaluate as classification_evaluate
+from passl.io import checkpoint, metrics_log
 from passl.io.safe_write import write_failure
 from passl.models import MODELS
 

@@ -77,7 +77,7 @@ def convert_pytorch(args):
     from passl.config import load_config
     from passl.models.torch_weights import (convert_torch_weights, describe, read_torch_states,
                                             resnet_width)
-    from passl.models.weights import num_values
+    from passl.io.weights import num_values
     states = read_torch_states(args.sources)
     config = args.config or default_config(args.model, resnet_width(states))
     cfg = load_config(config, args.override)
@@ -111,7 +111,7 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.output.endswith(".pdparams"):
         raise UserError(f"--output {args.output}: weights files end in .pdparams")
-    from passl.engine.checkpoint import write_atomic
+    from passl.io.checkpoint import write_atomic
     v1 = read_passl_v1(args.sources[0], args.origin) if args.origin != "pytorch" else None
     state, lines = convert_passl_v1(v1, args) if v1 is not None else convert_pytorch(args)
     print("\n".join(lines))

@@ -27,7 +27,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    from passl.models.weights import extract_weights
+    import passl.models  # noqa: F401  (registers the PASSL v1 layout the reader recognises)
+    from passl.io.weights import extract_weights
     written = extract_weights(args.checkpoint, args.output, args.prefix, args.remove_prefix,
                               trust=args.trust_file)
     if written["recognised"]:

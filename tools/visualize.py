@@ -6,8 +6,11 @@
     python tools/visualize.py features -c CFG (--load CKPT | --pretrained W) [--method tsne|pca]
                                        --output features.png
 
-Images come from the config's KNNHook train/val blocks, or from dataloader.train/val of a
-Classification config; --data CFG takes them from another config. Works under
+Images come from the config's KNNHook train/val blocks, from dataloader.train/val of a
+Classification config, or else from the training folder alone (a SwAV config on your own
+images: galleries and usage need no labels). --data CFG takes them from another config;
+--data DIR from a folder with one subfolder per class, which is all the feature map needs
+for its labels (a fifth of every class becomes the kNN queries). Works under
 python -m paddle.distributed.launch too (every rank computes its share, rank 0 draws).
 Needs matplotlib: pip install -e .[plot]
 """
@@ -48,11 +51,13 @@ def verb_parser(verb):
     parser = ArgumentParser(prog=f"visualize.py {verb}", description=VERBS[verb])
     add_config_arguments(parser, config_help="YAML config of the model (e.g. the SwAV one)")
     parser.add_argument("--output", required=True, help="PNG file to write")
-    parser.add_argument("--data", metavar="CFG",
-                        help="take the image sets from this config instead (see the tool's --help)")
+    parser.add_argument("--data", metavar="CFG|DIR",
+                        help="take the images from this config, or from this folder with one "
+                             "subfolder per class (see the tool's --help)")
     if verb in ("prototypes", "usage"):
-        parser.add_argument("--split", choices=("val", "train"), default="val",
-                            help="which image set to score (default val)")
+        parser.add_argument("--split", choices=("val", "train"),
+                            help="which image set to score (default: val when there is one, "
+                                 "else train)")
     if verb == "prototypes":
         parser.add_argument("--load", required=True, metavar="CKPT",
                             help="SwAV checkpoint or converted SwAV model (the prototypes are needed)")
@@ -93,10 +98,13 @@ def parse_args(argv):
 
 
 def check_paths(args):
-    for flag in ("load", "pretrained", "data"):
+    for flag in ("load", "pretrained"):
         path = getattr(args, flag, None)
         if path and not os.path.isfile(path):
             raise UserError(f"--{flag} {path}: file not found")
+    if args.data and not os.path.exists(args.data):
+        raise UserError(f"--data {args.data}: not found; pass a config file or a folder with one "
+                        f"subfolder of images per class")
     if getattr(args, "run", None) and not os.path.isdir(args.run):
         raise UserError(f"--run {args.run}: directory not found; pass a training run's output_dir")
     if not args.output.endswith(".png"):
@@ -112,7 +120,7 @@ def main(argv=None):
     cfg = load_run_config(args)
     from passl.config import load_config
     from passl.evaluation import visualize
-    data_cfg = load_config(args.data) if args.data else None
+    data_cfg = load_config(args.data) if args.data and os.path.isfile(args.data) else args.data
     if verb == "prototypes":
         result = visualize.prototype_gallery(cfg, args.load, args.output, args.top, args.prototypes,
                                              args.ids, args.split, data_cfg, args.thumb)

@@ -7,6 +7,7 @@ folder or list dataset accepts (``exclude: bad_images.txt``) to leave them out.
 """
 import multiprocessing
 import os
+import signal
 
 from passl.data.image_io import DataError, read_image
 
@@ -20,6 +21,16 @@ def _problem(path):
         return str(e)
 
 
+def _quiet_worker():
+    """Pool initializer: the default SIGTERM action in a decoding worker.
+
+    The workers are forked from a process that imported Paddle, whose SIGTERM handler prints
+    a C++ "FatalError: Termination signal" block; a pool left early (an error, Ctrl-C)
+    terminates its workers, which is no fault of theirs worth a report.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def find_unreadable(root, relative_paths, processes=None, chunksize=64):
     """``[(relative path, reason)]`` of the images under ``root`` that cannot be decoded.
 
@@ -31,8 +42,10 @@ def find_unreadable(root, relative_paths, processes=None, chunksize=64):
     if processes == 1:
         problems = map(_problem, paths)
     else:
-        with multiprocessing.get_context("fork").Pool(processes) as pool:
+        with multiprocessing.get_context("fork").Pool(processes, _quiet_worker) as pool:
             problems = pool.map(_problem, paths, chunksize=chunksize)
+            pool.close()  # the workers finish on their own: no SIGTERM on the normal path
+            pool.join()
     return [(rel, reason) for rel, reason in zip(relative_paths, problems) if reason]
 
 

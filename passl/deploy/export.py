@@ -25,13 +25,13 @@ from passl.config import to_plain
 from passl.data import DATASETS
 from passl.data.transforms import build_pipeline
 from passl.deploy.engine import InferenceEngine, ModelFeatures, eval_mode, save_static
-from passl.engine.checkpoint import load_model_weights
 from passl.errors import ConfigError, UserError
+from passl.io.checkpoint import load_model_weights
 from passl.io.inference_model import META_FILE, OUTPUTS, model_prefix, write_meta
 from passl.io.onnx_model import ONNX_FILE
 from passl.io.safe_write import OutputWriteError, reporting_write_errors
+from passl.io.weights import load_pretrained
 from passl.models import MODELS
-from passl.models.weights import load_pretrained
 from passl.utils.logger import get_logger
 
 # Two unrelated image sizes: a pipeline that maps both to one shape fixes the input size.

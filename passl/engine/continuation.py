@@ -4,7 +4,7 @@ import os
 import shlex
 import sys
 
-from passl.engine import checkpoint
+from passl.io import checkpoint
 
 #: Flags of tools/train.py that a resumed run must not repeat (``--resume`` restores the run).
 _DROPPED_WITH_VALUE = ("--resume", "--pretrained", "--load")

@@ -9,8 +9,8 @@ import datetime
 import os
 import shutil
 
-from passl.engine import checkpoint
 from passl.errors import UserError
+from passl.io import checkpoint
 
 #: What a training run writes into its output_dir (and what --archive-old-run moves).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.previous.jsonl", "metrics.png",

@@ -22,14 +22,15 @@ from passl import distributed
 from passl.config import ConfigDict, save_config
 from passl.data import build_dataloader, set_loader_epoch
 from passl.data.device_input import batch_normalizer, check_shared_memory
-from passl.engine import checkpoint, run_dir, world_change
+from passl.engine import run_dir, trainer_checkpoint, world_change
 from passl.engine.amp import MixedPrecision
 from passl.engine.hooks import HOOKS
-from passl.engine.metrics_log import MetricsLog
 from passl.errors import ConfigError, UserError
+from passl.io import checkpoint
+from passl.io.metrics_log import MetricsLog
 from passl.io.safe_write import OutputWriteError
+from passl.io.weights import load_pretrained
 from passl.models import MODELS
-from passl.models.weights import load_pretrained
 from passl.preemption import StopSignals, TrainingStopped
 from passl.registry import key_path_of
 from passl.runtime import (configure_cpu_threads, local_process_count, seed_everything,
@@ -226,7 +227,7 @@ class Trainer:
         return path, state
 
     def _resume(self, path, state):
-        self.resumed_rng = checkpoint.restore(self, state, path)
+        self.resumed_rng = trainer_checkpoint.restore(self, state, path)
         self.epoch = self.start_epoch
         self.logger.info(f"resumed from {path}: {self.start_epoch} epoch(s)"
                          + (f" and {self.start_step} step(s)" if self.start_step else "")
@@ -319,7 +320,7 @@ class Trainer:
             return
         self.call_hooks("before_save")
         # collective: the ranks leave together (the launcher stops all once one has exited)
-        path = checkpoint.save_trainer_checkpoint(self, steps_in_epoch=self.inner_iter + 1)
+        path = trainer_checkpoint.save_trainer_checkpoint(self, steps_in_epoch=self.inner_iter + 1)
         if self.rank == 0:
             self.logger.info(f"checkpoint saved: {path}")
         raise TrainingStopped(signal.Signals(signum).name, path, self.iter)

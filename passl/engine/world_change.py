@@ -81,7 +81,7 @@ def resumed_seed(seed, epoch, rank):
 
 def continue_on_new_layout(trainer, state):
     """Schedule position and random streams for a changed world size or global batch (the
-    hook states are mapped by :func:`passl.engine.checkpoint.restore`); logs what changed."""
+    hook states are mapped by :func:`passl.engine.trainer_checkpoint.restore`); logs what changed."""
     saved_world, saved_global = int(state["world_size"]), saved_global_batch(state)
     position = trainer.start_epoch * trainer.iters_per_epoch
     trainer.lr_scheduler.step(position)  # sets the iteration and recomputes its lr

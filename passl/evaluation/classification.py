@@ -1,7 +1,7 @@
 """Top-k evaluation of a classifier over a whole val loader (all ranks)."""
 import paddle
 
-from passl.evaluation.metrics import TopKEvaluator
+from passl.utils.accuracy import TopKEvaluator
 
 
 def evaluate(model, loader, ks=(1, 5)):

@@ -11,7 +11,7 @@ import paddle.nn.functional as F
 
 from passl import distributed
 from passl.errors import UserError
-from passl.evaluation.metrics import TopKEvaluator
+from passl.utils.accuracy import TopKEvaluator
 
 # Queries scored against the whole bank at once: at most 1024, and fewer for a large bank so
 # that their [queries, bank] float32 similarity matrix stays within 2**28 entries (1 GiB;

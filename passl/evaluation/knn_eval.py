@@ -9,11 +9,11 @@ import os
 
 from passl import distributed
 from passl.data import build_dataloader
-from passl.engine.metrics_log import MetricsLog
 from passl.errors import ConfigError, UserError
 from passl.evaluation.knn import knn_evaluate
+from passl.io.metrics_log import MetricsLog
+from passl.io.weights import load_pretrained
 from passl.models import MODELS
-from passl.models.weights import load_pretrained
 from passl.runtime import configure_cpu_threads, seed_everything, select_device_and_join
 from passl.utils.logger import open_log_file, setup_logger
 

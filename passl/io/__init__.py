@@ -1,5 +1,7 @@
-"""File formats the toolkit reads and writes, below every other layer.
+"""File formats the toolkit reads and writes: checkpoints, weights, metrics.jsonl, exports,
+shards, PyTorch files.
 
-Modules here import nothing from ``passl.engine`` or ``passl.models``, so the engine,
-the models and the tools can all depend on them without import cycles.
+Modules here import only ``passl.errors`` and each other, so every other layer (data,
+models, evaluation, the engine, the tools) can depend on them without import cycles
+(docs/internals.md, "Layers").
 """

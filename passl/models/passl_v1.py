@@ -17,14 +17,17 @@ runs); here they are recognised by their layout and renamed by the mappings that
 to each model (``swav_from_passl_v1``, ``classification_from_passl_v1``,
 ``resnet_from_passl_v1``). Every tensor is already in Paddle's layout, so values never change.
 """
+import sys
 from collections import Counter, OrderedDict
 
 import numpy as np
 import paddle
 
 from passl.errors import UserError
+from passl.io.foreign_layouts import register_layout
 from passl.models.architectures.classification import classification_from_passl_v1
 from passl.models.architectures.swav import swav_from_passl_v1
+from passl.models.torch_weights import check_fits, expected_shapes
 
 #: names that only a PASSL v1 SwAV or classifier has (our layers are neck.mlp, head.heads, fc)
 V1_ONLY_PREFIXES = ("neck.projection_neck.", "head.prototypes.", "head.fc_cls.")
@@ -184,8 +187,6 @@ def convert_v1_weights(v1, target, model_cfg, config):
     Returns:
         ``(state to paddle.save in the model's order, one line saying what was mapped)``.
     """
-    # imported here: torch_weights imports passl.models.weights, which imports this module
-    from passl.models.torch_weights import check_fits, expected_shapes
     converted, mapped, left_out = map_for_target(v1, target)
     shapes = expected_shapes(model_cfg, target)
     check_fits(converted, mapped, shapes, target, model_cfg, config)
@@ -194,3 +195,7 @@ def convert_v1_weights(v1, target, model_cfg, config):
     dropped = "".join(f"; left out {len(names)} {reason}" for reason, names in left_out.items())
     return state, (f"{v1.what}: {v1.description()}; mapped {summarise_renames(mapped)}"
                    f"{dropped}")
+
+
+# The checkpoint and weights readers (passl/io) recognise v1 files through this module.
+register_layout(sys.modules[__name__])

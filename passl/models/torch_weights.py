@@ -12,12 +12,12 @@ import paddle
 
 from passl.errors import UserError
 from passl.io.torch_file import read_torch_file, torch_state_dict
+from passl.io.weights import names_preview
 from passl.models.architectures.classification import classification_from_torch
 from passl.models.architectures.swav import swav_from_torch
 from passl.models.backbones.resnet import resnet_from_torch
 from passl.models.registry import BACKBONES, MODELS
 from passl.models.torch_names import DROPPED_BUFFER, paddle_layout
-from passl.models.weights import names_preview
 
 #: ``--model`` -> how a reference tensor name becomes ours in that model.
 TARGETS = {

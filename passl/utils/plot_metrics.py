@@ -7,8 +7,8 @@ matplotlib is an optional extra (``pip install -e .[plot]``), imported through
 import json
 import os
 
-from passl.engine.metrics_log import read_metrics
 from passl.errors import UserError
+from passl.io.metrics_log import read_metrics
 from passl.utils.plotting import pyplot, save_figure
 
 METRICS_FILE = "metrics.jsonl"

@@ -95,9 +95,9 @@ def draw_usage(history, num_images, output_path):
     save_figure(figure, output_path)
 
 
-def draw_feature_maps(panels, method, output_path):
+def draw_feature_maps(panels, method, output_path, class_names=None):
     """Side-by-side class-coloured scatter plots. ``panels``: ``[{'title', 'points' [N, 2],
-    'labels' [N]}]``."""
+    'labels' [N]}]``; ``class_names[label]`` names a class in the legend (else its number)."""
     plt = pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.4), squeeze=False)
     classes = np.unique(np.concatenate([panel["labels"] for panel in panels]))
@@ -106,7 +106,8 @@ def draw_feature_maps(panels, method, output_path):
         for i, label in enumerate(classes):
             mine = panel["labels"] == label
             axis.scatter(panel["points"][mine, 0], panel["points"][mine, 1], s=6,
-                         color=colours(i % colours.N), label=str(label))
+                         color=colours(i % colours.N),
+                         label=str(class_names[label] if class_names is not None else label))
         axis.set_title(panel["title"], fontsize=10)
         axis.set_xticks([])
         axis.set_yticks([])

@@ -41,7 +41,7 @@ class Hook:
     step; after the run it counts the steps done), ``inner_iter``, ``iters_per_epoch``,
     ``global_batch_size``, ``world_size``, ``rank``, ``outputs`` (the last step's
     ``{'loss', 'logs'}``), ``train_loader``, ``val_loader``, ``metrics`` (a
-    :class:`~passl.engine.metrics_log.MetricsLog`).
+    :class:`~passl.io.metrics_log.MetricsLog`).
     """
 
     priority = Priority.NORMAL

@@ -1,5 +1,5 @@
 """Saves a resumable checkpoint every ``save_interval`` epochs and after the last one."""
-from passl.engine import checkpoint
+from passl.engine import trainer_checkpoint
 from passl.engine.hooks.base import HOOKS, Hook, Priority
 from passl.errors import ConfigError
 
@@ -37,6 +37,6 @@ class CheckpointHook(Hook):
         done = trainer.epoch + 1
         if done % self.save_interval and done != trainer.epochs:
             return
-        self.last_saved = checkpoint.save_trainer_checkpoint(trainer, self.keep_last)  # collective
+        self.last_saved = trainer_checkpoint.save_trainer_checkpoint(trainer, self.keep_last)  # collective
         if trainer.rank == 0:
             trainer.logger.info(f"checkpoint saved: {self.last_saved}")

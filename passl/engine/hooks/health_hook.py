@@ -5,9 +5,9 @@ import numpy as np
 import paddle
 
 from passl import distributed
-from passl.engine import checkpoint
 from passl.engine.hooks.base import HOOKS, Hook, Priority
 from passl.errors import ConfigError, UserError
+from passl.io import checkpoint
 
 
 class TrainingDiverged(UserError):

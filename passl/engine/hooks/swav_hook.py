@@ -5,6 +5,30 @@ from passl.models.losses.swav_queue import (SwAVQueue, queue_rows_per_rank, queu
                                             shard_queue_union)
 
 
+def queue_fill_warning(queue_rows, iters_per_epoch, global_batch_size, epoch_queue_starts, epochs):
+    """A warning when the queue (``queue_rows`` over all ranks) is longer than an epoch's
+    embeddings, else None.
+
+    The reference sizes the queue well below an epoch (3840 of ImageNet's 1.28M images); on a
+    small dataset a longer one fills only after several epochs, then holds each image several
+    times over (older copies from older weights), and in a short run it is never full, so
+    never used.
+    """
+    per_epoch = iters_per_epoch * global_batch_size
+    if queue_rows <= per_epoch:
+        return None
+    fill_steps = queue_rows // global_batch_size
+    steps_after_start = max(epochs - epoch_queue_starts, 0) * iters_per_epoch
+    when = ("so this run never uses it" if fill_steps >= steps_after_start else
+            f"so it is first used in epoch {epoch_queue_starts + fill_steps // iters_per_epoch + 1}"
+            f" of {epochs}")  # 1-based, as the log counts; full after fill_steps pushes
+    return (f"SwAV queue: {queue_rows} embeddings per assignment crop, but an epoch yields only "
+            f"{per_epoch} ({iters_per_epoch} steps of {global_batch_size}): it fills in "
+            f"{fill_steps / iters_per_epoch:.1f} epochs from epoch_queue_starts "
+            f"{epoch_queue_starts}, {when}; for this dataset set SwAVHook queue_length to at "
+            f"most {per_epoch} (or 0: no queue)")
+
+
 @HOOKS.register()
 class SwAVHook(Hook):
     """Freezes the prototypes for the first iterations and runs the SwAV queue.
@@ -15,7 +39,8 @@ class SwAVHook(Hook):
         freeze_prototypes_niters: the same in iterations; give exactly one of
             the two (0 disables freezing).
         queue_length: queued embeddings per assignment crop over all ranks
-            (0: no queue); rounded down to a multiple of the global batch.
+            (0: no queue); rounded down to a multiple of the global batch. Longer than
+            an epoch's embeddings (a small dataset) is warned about at the start.
         epoch_queue_starts: first epoch (0-based) that fills the queue.
 
     Freezing drops the prototype gradients after ``backward`` (as the
@@ -60,6 +85,11 @@ class SwAVHook(Hook):
             trainer.logger.info("SwAV queue: %d embeddings per assignment crop (%d per rank) "
                                 "from epoch %d", self.queue_rows * trainer.world_size,
                                 self.queue_rows, self.epoch_queue_starts)
+            warning = queue_fill_warning(self.queue_rows * trainer.world_size,
+                                         trainer.iters_per_epoch, trainer.global_batch_size,
+                                         self.epoch_queue_starts, trainer.epochs)
+            if warning:
+                trainer.logger.warning(warning)
         elif self._queue_state is not None:
             trainer.logger.warning("SwAV: the checkpoint holds a queue but queue_length is 0; "
                                    "training continues without it")

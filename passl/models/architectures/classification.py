@@ -4,10 +4,10 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from passl.errors import ConfigError
-from passl.evaluation.metrics import topk_accuracy
 from passl.models.backbones.resnet import backbone_from_passl_v1, resnet_from_torch
 from passl.models.registry import BACKBONES, MODELS
 from passl.models.torch_names import rename, rename_exact
+from passl.utils.accuracy import topk_accuracy
 
 
 #: ``model.backbone_engine`` values: how a frozen backbone runs

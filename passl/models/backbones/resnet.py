@@ -23,6 +23,19 @@ def conv_bn(in_channels, out_channels, kernel_size, stride, data_format):
     return conv, nn.BatchNorm2D(out_channels, data_format=data_format)
 
 
+def residual_sum(branch, shortcut):
+    """``branch + shortcut``, the same sum in a traced graph without a Paddle log line.
+
+    While ``paddle.jit.save`` traces a model (tools/export_model.py, the inference backbone
+    engine), ``+`` of two tensors becomes ``paddle.add``, which hands its kernel an ``out``
+    argument and Paddle 3.x logs "static graph(PIR) not support input out tensor" for it,
+    a line no user can act on; ``add_n`` adds the two without it. Training keeps ``+``.
+    """
+    if paddle.in_dynamic_mode():
+        return branch + shortcut
+    return paddle.add_n([branch, shortcut])
+
+
 class BasicBlock(nn.Layer):
     """Two 3x3 convolutions plus the shortcut (ResNet-18/34)."""
 
@@ -42,7 +55,7 @@ class BasicBlock(nn.Layer):
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + shortcut)
+        return self.relu(residual_sum(out, shortcut))
 
 
 class BottleneckBlock(nn.Layer):
@@ -66,7 +79,7 @@ class BottleneckBlock(nn.Layer):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + shortcut)
+        return self.relu(residual_sum(out, shortcut))
 
 
 #: depth -> (block, residual blocks per stage)

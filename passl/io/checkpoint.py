@@ -1,5 +1,8 @@
 """Training checkpoints: what they hold, how they are written safely, found and read back.
 
+Filling one from a trainer and putting one back into a trainer is
+:mod:`passl.engine.trainer_checkpoint`.
+
 Layout: ``output_dir/checkpoints/epoch_N.pd`` (N = epochs completed) and
 ``checkpoints/latest.pd``, a relative symlink to the newest complete one (a hard link where
 the file system has no symlinks). Opening ``latest.pd`` therefore opens a checkpoint, so any
@@ -33,6 +36,7 @@ Paddle's generated tensor names (``conv2d_0.w_0_velocity_0``), which depend on h
 layers the process created before; that keeps resuming correct in any process.
 """
 import glob
+import logging
 import os
 import random
 import re
@@ -40,14 +44,12 @@ import re
 import numpy as np
 import paddle
 
-from passl import distributed
-from passl.engine import world_change
 from passl.errors import UserError
+from passl.io import foreign_layouts
 from passl.io.paddle_file import load_paddle_file
-from passl.io.safe_write import OutputWriteError, reporting_write_errors
-from passl.models import passl_v1
-from passl.utils.logger import get_logger
 
+# The toolkit's logger, by name: passl.utils.logger (a layer above this one) configures it.
+_LOGGER = logging.getLogger("passl")
 KIND = "passl-training-checkpoint"
 VERSION = 1
 LATEST = "latest.pd"
@@ -254,76 +256,6 @@ def load_checkpoint(path, trust=False):
     return state
 
 
-# ---------------------------------------------------------------- a trainer's whole state
-
-def _to_numpy(value):
-    if isinstance(value, paddle.Tensor):
-        return value.numpy()
-    if isinstance(value, dict):
-        return {k: _to_numpy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_numpy(v) for v in value)
-    return value
-
-
-def hook_key(hooks, index):
-    """Name a hook's state by its class, with a suffix when a class appears twice."""
-    name = type(hooks[index]).__name__
-    same = [i for i, h in enumerate(hooks) if type(h).__name__ == name]
-    return name if len(same) == 1 else f"{name}.{same.index(index)}"
-
-
-def capture(trainer, steps_in_epoch=0):
-    """The checkpoint dict of ``trainer`` at the end of epoch ``trainer.epoch``, or, with
-    ``steps_in_epoch``, that many steps into it; collective, all ranks call it.
-
-    Returns the dict on rank 0 and None elsewhere (only rank 0 writes).
-    """
-    hooks = trainer.hooks
-    local = {"hooks": {hook_key(hooks, i): _to_numpy(h.state_dict()) for i, h in enumerate(hooks)},
-             "rng": rng_state()}
-    per_rank = distributed.all_gather_object(local)
-    if trainer.rank != 0:
-        return None
-    return {
-        "kind": KIND, "version": VERSION,
-        "epoch": trainer.epoch + (0 if steps_in_epoch else 1), "iter": trainer.iter,
-        "steps_in_epoch": steps_in_epoch,
-        "model": trainer.model.state_dict(),
-        "optimizer": optimizer_state(trainer.optimizer, trainer.model),
-        "lr_scheduler": trainer.lr_scheduler.state_dict(),
-        "amp_scaler": trainer.amp.state_dict(),
-        "world_size": trainer.world_size,
-        "global_batch_size": trainer.global_batch_size,
-        "per_rank": per_rank,
-        "config": trainer.cfg.to_dict() if hasattr(trainer.cfg, "to_dict") else dict(trainer.cfg),
-    }
-
-
-def save_trainer_checkpoint(trainer, keep_last=None, steps_in_epoch=0):
-    """:func:`capture` and, on rank 0, :func:`save_checkpoint` into ``output_dir/checkpoints``;
-    returns the path on every rank.
-
-    Collective: all ranks return only once rank 0's write is over, and when it failed (e.g. a
-    full disk) all raise an OutputWriteError naming the file, so they stop together.
-    """
-    state = capture(trainer, steps_in_epoch)
-    epoch = trainer.epoch + (0 if steps_in_epoch else 1)
-    directory = checkpoint_dir(trainer.output_dir)
-    path = os.path.join(directory, checkpoint_name(epoch, steps_in_epoch))
-    failure = None
-    if state is not None:
-        try:
-            with reporting_write_errors(path):
-                save_checkpoint(state, directory, keep_last)
-        except OutputWriteError as error:
-            failure = error
-    written = paddle.to_tensor([0 if failure else 1], dtype="int32")
-    if not int(distributed.all_reduce(written, op="min").numpy()[0]):
-        raise failure or OutputWriteError(f"process 0 could not write {path} (its log says why)")
-    return path
-
-
 def last_checkpoint(output_dir):
     """The file ``latest.pd`` leads to (``output_dir/checkpoints/epoch_N.pd``, not the link),
     or None."""
@@ -332,7 +264,7 @@ def last_checkpoint(output_dir):
         if link else None
 
 
-def _check_model_keys(model, saved, path):
+def check_model_keys(model, saved, path):
     own = model.state_dict()
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
@@ -348,22 +280,23 @@ def _check_model_keys(model, saved, path):
 
 def load_model_weights(model, path, trust=False):
     """``--load``: the full model state from a training checkpoint or a model state dict
-    (ours, or PASSL v1's: :mod:`passl.models.passl_v1`).
+    (ours, or another toolkit's: :mod:`passl.io.foreign_layouts`).
 
     Returns the epochs the checkpoint had trained, or None for a plain state dict.
     """
     state = load_paddle_file(path, "--load", trust)
     epoch = None
-    v1 = passl_v1.recognise(state, f"--load {path}")
-    if v1 is not None:
-        (state, recognised), epoch = passl_v1.model_state(v1, model.state_dict()), v1.epoch
-        get_logger().info(recognised)
+    layout, foreign = foreign_layouts.recognise(state, f"--load {path}")
+    if foreign is not None:
+        state, recognised = layout.model_state(foreign, model.state_dict())
+        epoch = foreign.epoch
+        _LOGGER.info(recognised)
     elif isinstance(state, dict) and state.get("kind") == KIND:
         epoch, state = state.get("epoch"), state["model"]
     if not isinstance(state, dict):
         raise UserError(f"--load {path}: expected a checkpoint or a model state dict")
     _refuse_backbone_file(model, state, path)
-    _check_model_keys(model, state, f"--load {path}")
+    check_model_keys(model, state, f"--load {path}")
     model.set_state_dict(state)
     return epoch
 
@@ -379,43 +312,3 @@ def _refuse_backbone_file(model, state, path):
         raise UserError(f"--load {path}: holds only backbone weights (what "
                         f"tools/extract_weight.py writes); load them with --pretrained {path}, "
                         f"--load takes a whole model (a training checkpoint)")
-
-
-def restore(trainer, state, path):
-    """Put a checkpoint's state into ``trainer``; returns this rank's RNG state to set later.
-
-    The RNG state is returned instead of applied so that the trainer can set it right before
-    the first resumed epoch, after start-up work that may draw random numbers.
-    """
-    _check_model_keys(trainer.model, state["model"], f"--resume {path}")
-    trainer.model.set_state_dict(state["model"])
-    load_optimizer_state(trainer.optimizer, trainer.model, state["optimizer"])
-    trainer.lr_scheduler.set_state_dict(state["lr_scheduler"])
-    if state.get("amp_scaler"):
-        trainer.amp.set_state_dict(state["amp_scaler"])
-    trainer.start_epoch, trainer.iter = int(state["epoch"]), int(state["iter"])
-    trainer.start_step = int(state.get("steps_in_epoch", 0))
-    hooks = trainer.hooks
-    if world_change.layout_changed(state, trainer.world_size, trainer.global_batch_size):
-        if trainer.start_step:
-            raise UserError(
-                f"--resume {path}: a mid-epoch checkpoint (step {trainer.start_step} of epoch "
-                f"{trainer.start_epoch + 1}) resumes only with the layout that wrote it "
-                f"({state['world_size']} process(es), global batch "
-                f"{world_change.saved_global_batch(state)}); resume it so until the epoch ends, "
-                f"or resume from an epoch_N.pd checkpoint")
-        for i, hook in enumerate(hooks):
-            key = hook_key(hooks, i)
-            rank_states = [rank_state["hooks"].get(key, {}) for rank_state in state["per_rank"]]
-            if any(rank_states):
-                hook.set_state_dict(hook.state_from_ranks(rank_states,
-                                                          world_change.saved_global_batch(state),
-                                                          trainer))
-        world_change.continue_on_new_layout(trainer, state)
-        return rng_state()
-    own = state["per_rank"][trainer.rank]
-    for i, hook in enumerate(hooks):
-        key = hook_key(hooks, i)
-        if own["hooks"].get(key):
-            hook.set_state_dict(own["hooks"][key])
-    return own["rng"]

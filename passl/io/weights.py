@@ -6,22 +6,24 @@ checkpoint's model whose names start with a prefix (``backbone.`` by default);
 :func:`load_pretrained` (``tools/train.py --pretrained``, ``tools/knn_eval.py --pretrained``)
 loads such a file into a layer and refuses, by default, a file that does not fit it exactly.
 """
+import logging
 import os
 from collections import OrderedDict
 
 import numpy as np
 
-from passl.engine.checkpoint import KIND as CHECKPOINT_KIND, write_atomic
 from passl.errors import UserError
+from passl.io import foreign_layouts
+from passl.io.checkpoint import KIND as CHECKPOINT_KIND, write_atomic
 from passl.io.paddle_file import load_paddle_file
 from passl.io.safe_write import reporting_write_errors
-from passl.models import passl_v1
-from passl.utils.logger import get_logger
 
 WEIGHTS_SUFFIX = ".pdparams"
 BACKBONE_PREFIX = "backbone."
 # How many names an error message shows before "...".
 SHOWN_NAMES = 3
+# The toolkit's logger, by name: passl.utils.logger (a layer above this one) configures it.
+_LOGGER = logging.getLogger("passl")
 
 
 def names_preview(keys):
@@ -41,13 +43,13 @@ def read_checkpoint(path, trust=False):
 
     Accepts any ``paddle.save`` dict with a ``'model'`` state dict; one carrying the engine's
     ``kind`` marker must be a training checkpoint. A PASSL v1 file comes back in our names,
-    with ``'recognised'``: one line saying what it was (:mod:`passl.models.passl_v1`).
+    with ``'recognised'``: one line saying what it was (:mod:`passl.io.foreign_layouts`).
     """
     checkpoint = load_paddle_file(path, "checkpoint", trust)
-    v1 = passl_v1.recognise(checkpoint, f"checkpoint {path}")
-    if v1 is not None:
-        model, recognised = passl_v1.model_state(v1)
-        return {"model": model, "epoch": v1.epoch, "recognised": recognised}
+    layout, foreign = foreign_layouts.recognise(checkpoint, f"checkpoint {path}")
+    if foreign is not None:
+        model, recognised = layout.model_state(foreign)
+        return {"model": model, "epoch": foreign.epoch, "recognised": recognised}
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise UserError(f"checkpoint {path}: not a training checkpoint (no 'model' state dict; "
                         f"weights files are already extracted); pass "
@@ -93,13 +95,13 @@ def extract_weights(checkpoint_path, output_path, prefix="backbone", remove_pref
 
 
 def read_weights(path, trust=False):
-    """The flat state dict of a ``.pdparams`` weights file (the backbone of a PASSL v1
-    checkpoint or model, renamed and logged in one line)."""
+    """The flat state dict of a ``.pdparams`` weights file (the backbone of another toolkit's
+    checkpoint or model, e.g. PASSL v1's, renamed and logged in one line)."""
     weights = load_paddle_file(path, "weights", trust)
-    v1 = passl_v1.recognise(weights, f"weights {path}")
-    if v1 is not None:
-        weights, recognised = passl_v1.backbone_state(v1)
-        get_logger().info(recognised)
+    layout, foreign = foreign_layouts.recognise(weights, f"weights {path}")
+    if foreign is not None:
+        weights, recognised = layout.backbone_state(foreign)
+        _LOGGER.info(recognised)
         return weights
     if isinstance(weights, dict) and isinstance(weights.get("model"), dict):
         raise UserError(f"weights {path}: this is a training checkpoint, not a weights file; "
@@ -150,7 +152,7 @@ def load_pretrained(layer, path, strict=True, trust=False):
         raise UserError(where + "; check that the backbone config matches the pretrained model "
                                 "(or pass --pretrained-nonstrict to load only the matching tensors)")
     if problems:
-        get_logger().warning(where + f"; loading the {len(report['loaded'])} matching tensors")
+        _LOGGER.warning(where + f"; loading the {len(report['loaded'])} matching tensors")
     loaded = set(report["loaded"])
     # Tensors that do not load keep their current values (and Paddle has nothing to warn about).
     layer.set_state_dict({name: weights[name] if name in loaded else value
