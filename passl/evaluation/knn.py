@@ -50,8 +50,11 @@ def feature_function(model, engine="dygraph"):
     return lambda images: paddle.to_tensor(predictor(images.numpy()))
 
 
-def extract_features(model, loader, gather=True, features_of=None):
+def extract_features(model, loader, gather=True, features_of=None, normalize=True):
     """L2-normalised ``model.extract_features`` of every image in ``loader``, with labels.
+
+    ``normalize=False`` keeps the pooled features as they are (a linear probe standardises
+    them itself).
 
     Runs in eval mode without gradients (the model gets its mode back), through
     ``features_of`` (images -> ``[B, C]``) when given: a :func:`feature_function`, or e.g.
@@ -69,7 +72,7 @@ def extract_features(model, loader, gather=True, features_of=None):
         with paddle.no_grad():
             for images, batch_labels in loader:
                 pooled = features_of(images).astype("float32")
-                features.append(F.normalize(pooled, axis=1))
+                features.append(F.normalize(pooled, axis=1) if normalize else pooled)
                 labels.append(batch_labels.reshape([-1]).astype("int64"))
     finally:
         if was_training:
