@@ -226,9 +226,9 @@ def summary_record(name, protocol, per_class, values):
 
 # ---------------------------------------------------------------------------- features
 
-def progress(iterable, desc, total=None):
+def progress(iterable, desc):
     """A tqdm bar on a terminal (nothing when the output is captured)."""
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, leave=False, disable=None, dynamic_ncols=True)
 
 
 def eval_loader_blocks(cfg, split):
