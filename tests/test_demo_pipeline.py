@@ -118,7 +118,8 @@ def test_demo_pipeline_runs_twice_and_reports_its_metrics(tmp_path):
                                    "5_per_class_draw1" / "metrics.jsonl") if r["type"] == "train"]
     assert few[-1]["iter"] == 5
     # 10 classes: even a random backbone's kNN with all labels is far above chance
-    assert cells[("random", "knn", None)]["top1"] > 50 and cells[("pixels", "knn", None)]["top1"] > 90
+    assert cells[("random", "knn", None)]["top1"] > 50
+    assert cells[("pixels", "knn", None)]["top1"] > 90
     for verb in ("prototypes", "usage", "features"):
         with open(out / "pictures" / f"demo_{verb}.png", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
