@@ -81,6 +81,7 @@ def test_methods_are_a_table_of_pretraining_configs():
     assert demo.METHODS == {"swav": os.path.join(ROOT, "configs", "swav",
                                                  "swav_r18_digits.yaml")}
     assert demo.parse_args(["--methods", "swav"]).methods == ["swav"]
+    assert demo.parse_args(["--archive-old-run"]).fresh  # train.py's word for it works too
     assert demo.PICTURED in demo.METHODS
 
 

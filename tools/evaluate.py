@@ -11,8 +11,8 @@ with kNN, a linear probe and (optionally) fine-tuning, with all labels and with 
 DIR holds DIR/train/CLASS/* and DIR/val/CLASS/* (or list files DIR/train.txt, DIR/val.txt).
 -c gives the backbone and the evaluation transforms. Prints a table (rows: features;
 columns: protocol x labels per class, mean±std over disjoint draws) and which rows beat
-which baseline beyond the spread; writes OUTPUT/results.json, OUTPUT/results.png and, per
-fine-tuning run, a training folder under OUTPUT/finetune/. See docs/evaluation.md.
+which baseline beyond the spread; writes OUT/results.json, OUT/results.png and, per
+fine-tuning run, a training folder under OUT/finetune/. See docs/evaluation.md.
 """
 import os
 import sys

@@ -62,7 +62,7 @@ def parse_args(argv):
     parser.add_argument("--draws", type=int, default=5,
                         help="disjoint draws of 5 labels per class (default 5)")
     parser.add_argument("--pictures-dir", help="where the PNGs go (default: OUTPUT_DIR/pictures)")
-    parser.add_argument("--fresh", action="store_true",
+    parser.add_argument("--fresh", "--archive-old-run", dest="fresh", action="store_true",
                         help="pretrain again even when a finished pretraining is there; the "
                              "earlier run is moved to previous_runs/ of its folder")
     return parser.parse_args(argv)
