@@ -33,7 +33,10 @@ def plot_suite(records, all_labels_per_class, output_path):
         ax.set_xlabel("labels per class")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("val top-1 (%)")
-    axes[0][-1].legend(loc="lower right", fontsize="small")
+    lines = {}  # every row once, though pixels has no fine-tuning panel
+    for ax in axes[0]:
+        lines.update(zip(*reversed(ax.get_legend_handles_labels())))
+    axes[0][-1].legend(list(lines.values()), list(lines), loc="lower right", fontsize="small")
     figure.tight_layout()
     save_figure(figure, output_path)
     return output_path
