@@ -122,6 +122,21 @@ def test_val_fraction_writes_a_stratified_split(folder, tmp_path):
     assert split.train["name"] == "ImageList" and split.classes == ["0", "1", "2"]
 
 
+def test_list_files_are_read_like_folders(folder, tmp_path):
+    os.symlink(folder["data"], tmp_path / "images")
+    by_folder = suite.locate_data(folder["data"])
+    for split, labels in (("train", by_folder.train_labels), ("val", by_folder.val_labels)):
+        paths = DATASETS.build(getattr(by_folder, split)).relative_paths()
+        (tmp_path / f"{split}.txt").write_text("".join(
+            f"images/{split}/{path} {label}\n" for path, label in zip(paths, labels)))
+    by_list = suite.locate_data(str(tmp_path))
+    assert by_list.train == {"name": "ImageList", "root": str(tmp_path),
+                             "list_file": str(tmp_path / "train.txt")}
+    assert by_list.classes == ["0", "1", "2"]
+    assert np.array_equal(by_list.train_labels, by_folder.train_labels)
+    assert np.array_equal(by_list.val_labels, by_folder.val_labels)
+
+
 def make_folder(root, train, val):
     """root/train/CLASS and root/val/CLASS with the given image counts per class."""
     for split, counts in (("train", train), ("val", val)):
