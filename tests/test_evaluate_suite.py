@@ -171,6 +171,20 @@ def test_folder_problems_are_one_line(tmp_path, capsys, make, flags, message):
     assert capsys.readouterr().err == f"error: {message.format(d=data)}\n"
 
 
+def test_weights_that_do_not_fit_stop_before_any_work(folder, tmp_path, capsys):
+    wide = str(tmp_path / "wide.pdparams")
+    paddle.save(BACKBONES.build({**TINY_RESNET, "base_width": 16}).state_dict(), wide)
+    tool = load_tool()
+    with pytest.raises(SystemExit) as stop:
+        tool.run_cli(tool.main, ["--data", folder["data"], "-c", folder["config"],
+                                 "--pretrained", folder["weights"], wide,
+                                 "--output", str(tmp_path / "o")])
+    assert stop.value.code == 2
+    assert re.fullmatch(rf"error: weights {wide} do not fit ResNet: \d+ mismatched .*\n",
+                        capsys.readouterr().err)
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
 def test_row_names(folder):
     tool = load_tool()
     rows = tool.parse_rows([folder["weights"], f"b={folder['weights']}"], ["pixels"])

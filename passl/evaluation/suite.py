@@ -234,9 +234,8 @@ def progress(iterable, desc):
 def eval_loader_blocks(cfg, split):
     """``(train, val)`` loader blocks: every image once, in order, through the evaluation
     transforms and loader settings of ``cfg.dataloader.val``."""
-    val = (cfg.get("dataloader") or {}).get("val")
-    transforms = (val or {}).get("dataset", {}).get("transforms") if isinstance(val, dict) \
-        else None
+    val = (cfg.get("dataloader") or {}).get("val") or {}
+    transforms = (val.get("dataset") or {}).get("transforms")
     if not transforms:
         raise ConfigError("dataloader.val.dataset.transforms: the suite reads the evaluation "
                           "transforms (e.g. Resize, CenterCrop, Normalize) from the "
@@ -245,9 +244,9 @@ def eval_loader_blocks(cfg, split):
             for block in (split.train, split.val)]
 
 
-def backbone_features(model_block, loaders, row, seed, engine="dygraph", trust_file=False):
-    """Pooled features ``(train [N, C], val [M, C])`` (NumPy) of ``row``'s backbone: its
-    weights, or the seeded random init when it has none (as ``tools/knn_eval.py`` builds it)."""
+def build_backbone_model(model_block, row, seed, trust_file=False):
+    """The classification model with ``row``'s weights in its backbone, or at the seeded
+    random init when it has none (as ``tools/knn_eval.py`` builds it)."""
     seed_everything(seed)
     model = MODELS.build(model_block)
     if not hasattr(model, "extract_features"):
@@ -255,6 +254,12 @@ def backbone_features(model_block, loaders, row, seed, engine="dygraph", trust_f
                         f"needs a classification config (e.g. configs/swav/swav_clas_r50.yaml)")
     if row.weights:
         load_pretrained(model.backbone, row.weights, trust=trust_file)
+    return model
+
+
+def backbone_features(model_block, loaders, row, seed, engine="dygraph", trust_file=False):
+    """Pooled features ``(train [N, C], val [M, C])`` (NumPy) of ``row``'s backbone."""
+    model = build_backbone_model(model_block, row, seed, trust_file)
     features_of = feature_function(model, engine)
     return tuple(extract_features(model, progress(loader, f"{row.name}: {split} features"),
                                   gather=False, features_of=features_of,
@@ -334,6 +339,9 @@ def run_suite(cfg, data_dir, rows, output_dir, shots=(1, 5, 10), draws=5, k=20,
     seed = cfg.get("seed", 0)
     job_fields = {"seed": draw_seed, "model": model_block, "train": split.train,
                   "val": loaders[1]["dataset"], "output_dir": output_dir}
+    for row in rows:  # a weights file that does not fit stops here, before any work
+        if row.weights:
+            build_backbone_model(model_block, row, seed, trust_file)
     records = []
     built = [build_dataloader(block, mode="val", seed=seed) for block in loaders]
     for row in rows:
