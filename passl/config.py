@@ -277,6 +277,14 @@ def load_config(path, overrides=()):
     return _wrap(data, "", path)
 
 
+def config_from_dict(data, source):
+    """A validated :class:`ConfigDict` of a config assembled in code (``source`` names it in
+    errors), as :func:`load_config` would return it for the same YAML."""
+    data = to_plain(data)
+    check_top_level(data, source)
+    return _wrap(data, "", source)
+
+
 def save_config(cfg, path):
     """Write the resolved config as YAML (what the run really used), whole or not at all."""
     write_text_atomic(path, yaml.safe_dump(to_plain(cfg), sort_keys=False,

@@ -8,7 +8,7 @@ import pytest
 from data_helpers import write_image
 from passl.data.datasets import Digits, ImageFolder, ImageList
 from passl.data.registry import DATASETS
-from passl.data.subsets import stratified_indices
+from passl.data.subsets import disjoint_draw_count, per_class_draw, stratified_indices
 from passl.errors import ConfigError, UserError
 
 SYNSETS = ("n01440764", "n01443537", "n01484850")
@@ -82,6 +82,21 @@ def test_stratified_draw_counts_and_determinism():
     assert np.array_equal(per_class, expected)
 
 
+@pytest.mark.parametrize("seed", [0, 5])
+def test_numbered_draws_are_disjoint_stratified_and_reproducible(seed):
+    labels = np.repeat([2, 0, 1], [11, 7, 9])  # classes of unequal size, not sorted
+    assert disjoint_draw_count(labels, 3) == 2 and disjoint_draw_count(labels, 8) == 0
+    draws = [per_class_draw(labels, 3, draw, seed) for draw in range(2)]
+    assert not set(draws[0]) & set(draws[1])
+    for drawn in draws:
+        assert Counter(labels[drawn].tolist()) == {0: 3, 1: 3, 2: 3}
+        assert list(drawn) == sorted(drawn)
+    assert [list(d) for d in draws] == [list(per_class_draw(labels, 3, d, seed)) for d in (0, 1)]
+    # the shuffle is the seed's: another seed draws other images
+    other = per_class_draw(labels, 3, 0, seed + 1)
+    assert set(other) != set(draws[0])
+
+
 def test_digits_five_per_class_through_the_registry(tmp_path):
     full = Digits(cache_dir=str(tmp_path), split="train", image_size=8)
     block = {"name": "Digits", "cache_dir": str(tmp_path), "split": "train", "image_size": 8,
@@ -101,9 +116,17 @@ def test_digits_five_per_class_through_the_registry(tmp_path):
     ({"per_class": 9}, "subset.per_class: 9 images per class, but class 0 has only 4; lower "
                        "per_class"),
     ({"per_clas": 2}, "subset.per_clas: unknown key (did you mean: per_class?); accepted keys: "
-                      "file, fraction, per_class, seed"),
+                      "file, fraction, per_class, seed, draw"),
+    ({"per_class": 2, "draw": 1, "seed": 3}, None),  # 2 x 2 of the 4 images: fits
+    ({"per_class": 2, "draw": 2}, "subset.draw: draw 2 of 2 images per class needs 6 images of "
+                                  "every class, but class 0 has 4; lower per_class or draw"),
+    ({"fraction": 0.5, "draw": 1}, "subset.draw: draws are numbered for per_class subsets; "
+                                   "remove draw or give per_class instead of fraction"),
 ])
 def test_bad_subset_blocks(synset_root, subset, message):
+    if message is None:
+        assert len(ImageFolder(synset_root, subset=subset)) == 2 * len(SYNSETS)
+        return
     with pytest.raises(ConfigError) as error:
         ImageFolder(synset_root, subset=subset)
     assert str(error.value) == message

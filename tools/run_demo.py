@@ -1,21 +1,25 @@
-"""Run the built-in demo end to end: SwAV features against random init and raw pixels.
+"""Run the built-in demo end to end: pretrained features against random init and raw pixels.
 
-    python tools/run_demo.py                      # 5 min on 2 quiet cores
-    python tools/run_demo.py --epochs 1 --linear-epochs 1 --finetune-epochs 1 --output-dir /tmp/demo
+    python tools/run_demo.py                      # about 5-10 min on 2 cores
+    python tools/run_demo.py --epochs 1 --finetune-epochs 1 --draws 2 --output-dir /tmp/demo
     python tools/run_demo.py --pictures-dir docs/images   # the README's pictures (docs/visualize.md)
+    python tools/run_demo.py --fresh              # pretrain again (the earlier run is kept aside)
 
-Steps (each one the README's command, run as a subprocess whose progress is shown as it
-runs): pretrain with configs/swav/swav_r18_digits.yaml and extract the backbone; then, for
-the SwAV backbone and for the same backbone at random init (same seed, same protocol), kNN,
-a linear classifier on the frozen backbone (swav_clas_r18_digits.yaml) and fine-tuning of
-the whole network (swav_semisup_r18_digits.yaml), each with all 1,442 training labels and
-with 5 labels per class; finally raw pixels, with the same kNN and a logistic regression
-(scikit-learn). Prints one table of val top-1 accuracies. Also draws what SwAV learned
-(tools/visualize.py) into OUTPUT_DIR/pictures or --pictures-dir.
+Steps (each one a README command, run as a subprocess whose progress is shown): pretrain
+every method of METHODS on the digits (tools/train.py) and extract its backbone
+(tools/extract_weight.py); draw what SwAV learned (tools/visualize.py) into
+OUTPUT_DIR/pictures or --pictures-dir; then the evaluation suite (tools/evaluate.py) on the
+digits folder: each method's backbone, the same backbone at random init and the raw pixels,
+with kNN, a linear probe and fine-tuning of the whole network, with all 1,442 training labels
+and with 5 labels per class (mean ± std over 5 disjoint draws). It prints one table of val
+top-1 accuracies and writes OUTPUT_DIR/evaluate/results.json and results.png.
+
+Running it again reuses a finished pretraining whose config is the same (an unfinished one
+is continued); a pretraining with another config stops the demo with one line offering
+--fresh, which moves the earlier run to OUTPUT_DIR/pretrain_METHOD/previous_runs/ and
+pretrains again.
 """
 import collections
-import json
-import logging
 import os
 import re
 import subprocess
@@ -28,29 +32,20 @@ sys.path.insert(0, ROOT)
 from passl.cli import ArgumentParser, run_cli  # noqa: E402
 from passl.errors import UserError  # noqa: E402
 
-CONFIGS = os.path.join(ROOT, "configs", "swav")
-PRETRAIN_CFG = os.path.join(CONFIGS, "swav_r18_digits.yaml")
-CLAS_CFG = os.path.join(CONFIGS, "swav_clas_r18_digits.yaml")
-FINETUNE_CFG = os.path.join(CONFIGS, "swav_semisup_r18_digits.yaml")
-FEW = 5  # labels per class of the low-shot columns (swav_semisup_r18_digits.yaml's subset)
-
-#: ``-o`` overrides that select the labels: (column, {protocol: overrides}). The fine-tuning
-#: config holds the 5-per-class subset; the kNN and linear configs use every label.
-LABELS = (
-    ("all labels", {
-        "kNN": [],
-        "linear": [],
-        "fine-tune": ["dataloader.train.dataset.subset=null",
-                      "dataloader.train.sampler.batch_size=64", "epochs=15"],
-    }),
-    (f"{FEW} per class", {
-        "kNN": [f"+dataloader.train.dataset.subset.per_class={FEW}"],
-        "linear": [f"+dataloader.train.dataset.subset.per_class={FEW}",
-                   "dataloader.train.sampler.batch_size=10"],
-        "fine-tune": [],
-    }),
-)
-PROTOCOLS = ("kNN", "linear", "fine-tune")
+CONFIGS = os.path.join(ROOT, "configs")
+#: Pretraining methods the demo compares: {row name: pretraining config on the digits}.
+#: Every config must pretrain the backbone of CLAS_CFG.
+METHODS = {
+    "swav": os.path.join(CONFIGS, "swav", "swav_r18_digits.yaml"),
+}
+#: The method whose run tools/visualize.py draws (prototype gallery, usage, feature maps).
+PICTURED = "swav"
+CLAS_CFG = os.path.join(CONFIGS, "swav", "swav_clas_r18_digits.yaml")
+FINETUNE_CFG = os.path.join(CONFIGS, "swav", "swav_semisup_r18_digits.yaml")
+FEW = 5  # labels per class of the low-shot columns (swav_semisup_r18_digits.yaml's recipe)
+#: Fine-tuning with all 1,442 labels: a larger batch and fewer epochs than the 5-per-class
+#: recipe (330 steps instead of 250).
+FINETUNE_ALL = ("dataloader.train.sampler.batch_size=64", "epochs=15")
 #: A progress line of tools/train.py at the end of an epoch, and an evaluation line.
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) iter (\d+)/(\d+) loss (\S+) .*?eta (\S+)")
 EVAL_LINE = re.compile(r"evaluation after epoch (\d+): (.*)")
@@ -59,11 +54,17 @@ EVAL_LINE = re.compile(r"evaluation after epoch (\d+): (.*)")
 def parse_args(argv):
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--output-dir", default="output/demo", help="where every step writes")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS),
+                        help=f"pretraining methods to compare (default: {' '.join(METHODS)})")
     parser.add_argument("--epochs", type=int, help="pretraining epochs (default: the config's)")
-    parser.add_argument("--linear-epochs", type=int, help="linear epochs (default: the config's)")
-    parser.add_argument("--pictures-dir", help="where the PNGs go (default: OUTPUT_DIR/pictures)")
     parser.add_argument("--finetune-epochs", type=int,
-                        help="fine-tuning epochs, both label columns (default: the configs')")
+                        help="fine-tuning epochs, both label columns (default: the recipe's)")
+    parser.add_argument("--draws", type=int, default=5,
+                        help="disjoint draws of 5 labels per class (default 5)")
+    parser.add_argument("--pictures-dir", help="where the PNGs go (default: OUTPUT_DIR/pictures)")
+    parser.add_argument("--fresh", "--archive-old-run", dest="fresh", action="store_true",
+                        help="pretrain again even when a finished pretraining is there; the "
+                             "earlier run is moved to previous_runs/ of its folder")
     return parser.parse_args(argv)
 
 
@@ -106,106 +107,117 @@ def run_step(name, script, *args):
     return seconds
 
 
-def write_pictures(pretrain_dir, pictures_dir):
+def pretraining_plan(config_path, overrides, run_dir, fresh):
+    """What to do about ``run_dir``: ``('reuse' | 'resume' | 'start', extra train.py flags)``.
+
+    A finished run (its last epoch's checkpoint is there) with the same resolved config is
+    reused, an unfinished one with the same config continued; another config stops here with
+    one line, unless ``fresh`` (the earlier run is archived by train.py).
+    """
+    import yaml
+    from passl.config import load_config, to_plain
+    from passl.io.checkpoint import checkpoint_dir, epoch_checkpoints, latest_checkpoint
+
+    if not latest_checkpoint(run_dir):
+        return "start", []
+    if fresh:
+        return "start", ["--archive-old-run"]
+    wanted = to_plain(load_config(config_path, overrides))
+    saved_path = os.path.join(run_dir, "config.yaml")
+    saved = None
+    if os.path.isfile(saved_path):
+        with open(saved_path) as f:
+            saved = yaml.safe_load(f)
+    if saved != wanted:
+        changed = sorted(key for key in set(wanted) | set(saved or {})
+                         if (saved or {}).get(key) != wanted.get(key))
+        raise UserError(f"{run_dir} holds a pretraining with another config (differs in: "
+                        f"{', '.join(changed) or 'config.yaml missing'}); pass --fresh to move "
+                        f"it aside and pretrain again, or --output-dir NEW_DIR")
+    done = [epoch for epoch, _ in epoch_checkpoints(checkpoint_dir(run_dir))]
+    if done and done[-1] >= wanted["epochs"]:
+        return "reuse", []
+    return "resume", ["--resume", "auto"]
+
+
+def pretrain(method, out, epochs, fresh):
+    """Pretrain ``method`` into OUT/pretrain_METHOD (or reuse it) and extract its backbone;
+    returns ``(run folder, weights file, pretraining seconds or None when reused)``."""
+    config_path = METHODS[method]
+    run_dir = os.path.join(out, f"pretrain_{method}")
+    overrides = [f"output_dir={run_dir}"] + ([f"epochs={epochs}"] if epochs else [])
+    action, flags = pretraining_plan(config_path, overrides, run_dir, fresh)
+    seconds = None
+    if action == "reuse":
+        print(f"- {method} pretraining: reusing the finished run in {run_dir} (same config; "
+              f"--fresh pretrains again)", flush=True)
+    else:
+        label = f"{method} pretraining" + (" (continued)" if action == "resume" else "")
+        seconds = run_step(label, "train.py", "-c", config_path,
+                           *[flag for o in overrides for flag in ("-o", o)], *flags)
+    weights = os.path.join(out, f"{method}_backbone.pdparams")
+    run_step(f"extract the {method} backbone", "extract_weight.py",
+             os.path.join(run_dir, "checkpoints", "latest.pd"), "--output", weights,
+             "--remove-prefix")
+    return run_dir, weights, seconds
+
+
+def write_pictures(config_path, pretrain_dir, pictures_dir):
     """Prototype gallery, assignment health over the run's checkpoints and the feature maps of
     SwAV vs random init, from the pretraining run (tools/visualize.py, docs/visualize.md)."""
     latest = os.path.join(pretrain_dir, "checkpoints", "latest.pd")
     for name, verb, source in (("prototype gallery", "prototypes", ["--load", latest]),
                                ("assignment health", "usage", ["--run", pretrain_dir]),
                                ("feature maps", "features", ["--load", latest])):
-        run_step(name, "visualize.py", verb, "-c", PRETRAIN_CFG, *source,
+        run_step(name, "visualize.py", verb, "-c", config_path, *source,
                  "--output", os.path.join(pictures_dir, f"demo_{verb}.png"))
 
 
-def last_record(output_dir, key):
-    """The last metrics.jsonl record of ``output_dir`` that has ``key``."""
-    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    matching = [r for r in records if key in r]
-    if not matching:
-        raise UserError(f"{output_dir}/metrics.jsonl has no record with {key!r}")
-    return matching[-1]
+def evaluate(out, weights, draws, finetune_epochs):
+    """The evaluation suite on the digits folder (tools/evaluate.py), its output shown as
+    it comes; returns its wall time in seconds."""
+    from passl.data.datasets import materialise_digits
 
-
-def evaluate_backbone(out, tag, label, init_args, epoch_opts):
-    """kNN, linear and fine-tune top-1 of one backbone ('swav' or 'random') for every label
-    column: ``{(column, protocol): top-1}``."""
-    results = {}
-    for column, overrides in LABELS:
-        slug = "all" if column == "all labels" else f"{FEW}shot"
-        for protocol, script, cfg, key in (("kNN", "knn_eval.py", CLAS_CFG, "knn_top1"),
-                                           ("linear", "train.py", CLAS_CFG, "top1"),
-                                           ("fine-tune", "train.py", FINETUNE_CFG, "top1")):
-            step_dir = os.path.join(out, f"{protocol.replace('-', '')}_{tag}_{slug}")
-            flags = [flag for value in overrides[protocol] for flag in ("-o", value)]
-            run_step(f"{protocol}, {label}, {column}", script, "-c", cfg,
-                     "-o", f"output_dir={step_dir}", *flags,
-                     *epoch_opts.get(protocol, []), *init_args)
-            results[(column, protocol)] = last_record(step_dir, key)[key]
-    return results
-
-
-def raw_pixels():
-    """Raw-pixel kNN and logistic regression for every label column (in this process)."""
-    from passl.config import load_config
-    from passl.evaluation.pixel_baselines import raw_pixel_baselines
-    from passl.utils.logger import get_logger
-
-    print("- raw pixels: kNN and logistic regression ...", flush=True)
-    get_logger().setLevel(logging.WARNING)  # the dataset's "labelled subset" note: said above
-    results = {}
-    for column, overrides in LABELS:
-        scores = raw_pixel_baselines(load_config(CLAS_CFG, overrides["kNN"]))
-        results[(column, "kNN")] = scores["knn_top1"]
-        results[(column, "linear")] = scores["logreg_top1"]
-    return results
-
-
-def format_table(rows):
-    """The demo's table: one row per features, kNN/linear/fine-tune per label column.
-
-    ``rows`` is ``[(name, {(column, protocol): top-1})]``; a missing entry prints as '-'.
-    """
-    width = 10
-    columns = [column for column, _ in LABELS]
-    lines = ["val top-1 (%)".ljust(14) + "".join(c.center(width * 3) for c in columns),
-             "features".ljust(14) + "".join(p.rjust(width) for p in PROTOCOLS) * len(columns)]
-    for name, scores in rows:
-        cells = [scores.get((column, protocol)) for column in columns for protocol in PROTOCOLS]
-        lines.append(name.ljust(14) + "".join(
-            ("-" if value is None else f"{value:.2f}").rjust(width) for value in cells))
-    return "\n".join(lines)
+    digits = materialise_digits("~/.cache/passl/digits", 32)  # Digits' default cache_dir
+    args = ["--data", digits, "-c", CLAS_CFG, "--shots", str(FEW),
+            "--draws", str(draws), "--finetune", FINETUNE_CFG,
+            "--output", os.path.join(out, "evaluate"),
+            "--pretrained", *[f"{method}={path}" for method, path in weights.items()]]
+    epochs = [f"epochs={finetune_epochs}"] if finetune_epochs else []
+    for override in epochs:
+        args += ["--finetune-override", override]
+    for override in FINETUNE_ALL + tuple(epochs):  # --finetune-epochs wins over the 15 epochs
+        args += ["--finetune-all-override", override]
+    print("- evaluation suite (tools/evaluate.py) ...", flush=True)
+    start = time.time()
+    code = subprocess.call([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), *args])
+    if code:
+        raise UserError(f"demo step 'evaluation suite' failed (evaluate.py exit {code}); its "
+                        f"error is above")
+    return time.time() - start
 
 
 def main(argv=None):
     args = parse_args(argv)
     out = os.path.abspath(args.output_dir)
-    pretrain_dir, weights = os.path.join(out, "pretrain"), os.path.join(out, "backbone.pdparams")
-    pretrain_opts = ["-o", f"output_dir={pretrain_dir}"]
-    pretrain_opts += ["-o", f"epochs={args.epochs}"] if args.epochs else []
-    epoch_opts = {"linear": ["-o", f"epochs={args.linear_epochs}"] if args.linear_epochs else [],
-                  "fine-tune": ["-o", f"epochs={args.finetune_epochs}"]
-                  if args.finetune_epochs else []}
-
     print(f"PASSL-SwAV demo, output in {out}", flush=True)
     start = time.time()
-    pretrain_seconds = run_step("SwAV pretraining", "train.py", "-c", PRETRAIN_CFG,
-                                *pretrain_opts)
-    run_step("extract the backbone", "extract_weight.py",
-             os.path.join(pretrain_dir, "checkpoints", "latest.pd"), "--output", weights,
-             "--remove-prefix")
-    write_pictures(pretrain_dir, args.pictures_dir or os.path.join(out, "pictures"))
-    rows = [("SwAV", evaluate_backbone(out, "swav", "SwAV", ["--pretrained", weights],
-                                       epoch_opts)),
-            ("random init", evaluate_backbone(out, "random", "random init", [], epoch_opts)),
-            ("raw pixels", raw_pixels())]
-
-    print("\n" + format_table(rows))
-    print(f"\nTop-1 on the 355 val digits. kNN: k=20 cosine vote (T=0.07), the train images as "
-          f"the bank.\nlinear: a linear layer on the frozen backbone (raw pixels: logistic "
-          f"regression). fine-tune: the whole network.\n{FEW} per class: the same 50 images for "
-          f"every row. Pretraining took {pretrain_seconds / 60:.1f} min, the whole demo "
-          f"{(time.time() - start) / 60:.1f} min.")
+    weights, timings = {}, []
+    for method in args.methods:
+        run_dir, weights[method], seconds = pretrain(method, out, args.epochs, args.fresh)
+        if seconds is not None:
+            timings.append(f"{method} pretraining took {seconds / 60:.1f} min")
+        if method == PICTURED:
+            write_pictures(METHODS[method], run_dir,
+                           args.pictures_dir or os.path.join(out, "pictures"))
+    evaluate(out, weights, args.draws, args.finetune_epochs)
+    print(f"Top-1 on the 355 val digits. kNN: k=20 cosine vote (T=0.07), the labelled train "
+          f"images as the bank. linear: logistic regression on the frozen pooled features "
+          f"(raw pixels: on the pixels). fine-tune: the whole network "
+          f"({os.path.relpath(FINETUNE_CFG, ROOT)}). {FEW} per class: mean±std over "
+          f"{args.draws} disjoint draws, the same draws for every row. "
+          + "; ".join(timings + [f"the whole demo {(time.time() - start) / 60:.1f} min"])
+          + ".")
     return 0
 
 

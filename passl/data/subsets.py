@@ -5,6 +5,7 @@ A dataset's ``subset:`` block keeps only some of its samples (labels unchanged),
     subset: {file: data/1percent.txt}        # SimCLR's 1% / 10% ImageNet lists
     subset: {fraction: 0.01, seed: 0}        # ~1% of every class
     subset: {per_class: 5, seed: 0}          # 5 images of every class
+    subset: {per_class: 5, seed: 0, draw: 2} # the 3rd of disjoint draws of 5 per class
 
 ``file``: one image file name per line (``n01440764_10026.JPEG``; blank lines ignored), its
 class the synset before the first ``_``; the dataset must be an ImageFolder whose class
@@ -13,6 +14,9 @@ semi-supervised protocol (``imagenet_subsets/1percent.txt``, ``10percent.txt``).
 ``fraction``/``per_class``: a deterministic stratified draw, the same on every process and
 in every run with the same ``seed`` (it does not depend on the training seed): each class
 keeps ``round(fraction * its size)`` images (at least 1) or exactly ``per_class``.
+``draw`` (with ``per_class``): repeated low-shot measurements need draws that share no image,
+so each class is shuffled once by the ``seed`` and draw ``d`` takes its images
+``d * per_class`` to ``(d + 1) * per_class - 1`` (:func:`per_class_draw`).
 """
 import os
 
@@ -23,25 +27,53 @@ from passl.errors import ConfigError
 from passl.registry import check_keys
 
 #: Keys of the ``subset`` block; exactly one of the first three.
-SUBSET_KEYS = ("file", "fraction", "per_class", "seed")
+SUBSET_KEYS = ("file", "fraction", "per_class", "seed", "draw")
 
 
 def stratified_indices(labels, fraction=None, per_class=None, seed=0):
     """Sorted indices of a stratified draw: ``per_class`` or ``round(fraction * n)`` (>= 1)
     samples of every class, chosen without replacement by ``np.random.default_rng(seed)``."""
-    labels = np.asarray(labels)
-    if labels.size and labels.min() < 0:
-        raise ConfigError("subset: the dataset is unlabelled (label -1); a labelled subset "
-                          "needs class labels (ImageFolder, or an ImageList with labels)")
     rng = np.random.default_rng(seed)
     chosen = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
+    for label, members in class_members(labels).items():
         count = per_class if per_class is not None else max(1, int(round(fraction * len(members))))
         if count > len(members):
             raise ConfigError(f"subset.per_class: {per_class} images per class, but class "
                               f"{label} has only {len(members)}; lower per_class")
         chosen.append(rng.choice(members, count, replace=False))
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
+
+
+def class_members(labels):
+    """``{label: indices of its samples}`` of a labelled dataset, classes in sorted order."""
+    labels = np.asarray(labels)
+    if labels.size and labels.min() < 0:
+        raise ConfigError("subset: the dataset is unlabelled (label -1); a labelled subset "
+                          "needs class labels (ImageFolder, or an ImageList with labels)")
+    return {int(label): np.flatnonzero(labels == label) for label in np.unique(labels)}
+
+
+def disjoint_draw_count(labels, per_class):
+    """How many disjoint draws of ``per_class`` images of every class ``labels`` allows."""
+    return min(len(members) for members in class_members(labels).values()) // per_class
+
+
+def per_class_draw(labels, per_class, draw, seed=0):
+    """Sorted indices of draw ``draw`` (0, 1, ...) of ``per_class`` images of every class.
+
+    Every class's members are shuffled once by ``np.random.default_rng(seed)`` (classes in
+    sorted order); draw ``d`` takes positions ``[d * per_class, (d + 1) * per_class)`` of the
+    shuffle, so draws with one seed never share an image.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label, members in class_members(labels).items():
+        shuffled = rng.permutation(members)
+        if (draw + 1) * per_class > len(members):
+            raise ConfigError(f"subset.draw: draw {draw} of {per_class} images per class needs "
+                              f"{(draw + 1) * per_class} images of every class, but class "
+                              f"{label} has {len(members)}; lower per_class or draw")
+        chosen.append(shuffled[draw * per_class:(draw + 1) * per_class])
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, np.int64)
 
 
@@ -103,6 +135,9 @@ def subset_indices(spec, root, relative_paths, labels, classes=None):
     if len(given) != 1:
         raise ConfigError(f"subset: give exactly one of file, fraction, per_class; got "
                           f"{', '.join(given) or 'none'}")
+    if spec.get("draw") is not None and given != ["per_class"]:
+        raise ConfigError(f"subset.draw: draws are numbered for per_class subsets; remove draw "
+                          f"or give per_class instead of {given[0]}")
     seed = spec.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"subset.seed: expected a non-negative integer, got {seed!r}")
@@ -121,4 +156,9 @@ def subset_indices(spec, root, relative_paths, labels, classes=None):
     per_class = spec["per_class"]
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise ConfigError(f"subset.per_class: expected a positive integer, got {per_class!r}")
-    return stratified_indices(labels, per_class=per_class, seed=seed)
+    draw = spec.get("draw")
+    if draw is None:
+        return stratified_indices(labels, per_class=per_class, seed=seed)
+    if isinstance(draw, bool) or not isinstance(draw, int) or draw < 0:
+        raise ConfigError(f"subset.draw: expected a non-negative integer, got {draw!r}")
+    return per_class_draw(labels, per_class, draw, seed)

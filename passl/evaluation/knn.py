@@ -112,8 +112,11 @@ class RowBuffer:
         return self.tensor[:self.filled]
 
 
-def extract_features(model, loader, gather=True, features_of=None):
+def extract_features(model, loader, gather=True, features_of=None, normalize=True):
     """L2-normalised ``model.extract_features`` of every image in ``loader``, with labels.
+
+    ``normalize=False`` keeps the pooled features as they are (a linear probe standardises
+    them itself).
 
     Runs in eval mode without gradients (the model gets its mode back), through
     ``features_of`` (images -> ``[B, C]``) when given: a :func:`feature_function`, or e.g.
@@ -135,7 +138,7 @@ def extract_features(model, loader, gather=True, features_of=None):
         with paddle.no_grad():
             for images, batch_labels in loader:
                 pooled = features_of(images).astype("float32")
-                features.append(F.normalize(pooled, axis=1))
+                features.append(F.normalize(pooled, axis=1) if normalize else pooled)
                 labels.append(batch_labels.reshape([-1]).astype("int64"))
     finally:
         if was_training:
@@ -162,6 +165,37 @@ def knn_votes(queries, bank, bank_labels, num_classes, k=20, temperature=0.07):
     return (one_hot * weights.unsqueeze(-1)).sum(axis=1)
 
 
+def check_knn_parameters(k, temperature):
+    """One line for a k or temperature the vote cannot use (checked before any extraction)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or not temperature > 0:
+        raise UserError(f"kNN: k must be a positive integer and temperature a positive number, "
+                        f"got k={k!r}, temperature={temperature!r}")
+
+
+def knn_accuracy(bank, bank_labels, queries, query_labels, k=20, temperature=0.07, ks=(1, 5),
+                 num_classes=None):
+    """Top-k accuracies (percent) of the weighted kNN vote of L2-normalised ``queries`` against
+    the L2-normalised ``bank``: ``{'top1': ..., 'top5': ..., 'count': queries}``.
+
+    ``num_classes`` defaults to the largest bank label + 1. Queries are scored in chunks of
+    at most :data:`QUERY_CHUNK`, fewer for a large bank, so that the similarity matrix stays
+    within :data:`SIMILARITY_ENTRIES`.
+    """
+    check_knn_parameters(k, temperature)
+    if int(bank_labels.min()) < 0:
+        raise UserError("kNN needs labelled train images, but the train loader yields label -1 "
+                        "(unlabelled); use a dataset with class labels for the memory bank")
+    num_classes = num_classes or int(bank_labels.max()) + 1
+    evaluator = TopKEvaluator(ks)
+    with paddle.no_grad():
+        per_chunk = max(1, min(QUERY_CHUNK, SIMILARITY_ENTRIES // bank.shape[0]))
+        for start in range(0, queries.shape[0], per_chunk):
+            chunk = slice(start, start + per_chunk)
+            votes = knn_votes(queries[chunk], bank, bank_labels, num_classes, k, temperature)
+            evaluator.update(votes, query_labels[chunk])
+    return evaluator.result()
+
+
 def knn_evaluate(model, train_loader, val_loader, k=20, temperature=0.07, ks=(1, 5),
                  engine="dygraph"):
     """kNN accuracy (percent) of ``model``'s features: train set as bank, val set as queries.
@@ -170,23 +204,10 @@ def knn_evaluate(model, train_loader, val_loader, k=20, temperature=0.07, ks=(1,
     over ranks. ``engine`` computes the features (:func:`feature_function`).
     Returns ``{'knn_top1': float, 'knn_top5': float, 'count': queries}``.
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or not temperature > 0:
-        raise UserError(f"kNN: k must be a positive integer and temperature a positive number, "
-                        f"got k={k!r}, temperature={temperature!r}")
+    check_knn_parameters(k, temperature)
     features_of = feature_function(model, engine)
     bank, bank_labels = extract_features(model, train_loader, gather=True, features_of=features_of)
     queries, query_labels = extract_features(model, val_loader, gather=False,
                                              features_of=features_of)
-    if int(bank_labels.min()) < 0:
-        raise UserError("kNN needs labelled train images, but the train loader yields label -1 "
-                        "(unlabelled); use a dataset with class labels for the memory bank")
-    num_classes = int(bank_labels.max()) + 1
-    evaluator = TopKEvaluator(ks)
-    with paddle.no_grad():
-        per_chunk = max(1, min(QUERY_CHUNK, SIMILARITY_ENTRIES // bank.shape[0]))
-        for start in range(0, queries.shape[0], per_chunk):
-            chunk = slice(start, start + per_chunk)
-            votes = knn_votes(queries[chunk], bank, bank_labels, num_classes, k, temperature)
-            evaluator.update(votes, query_labels[chunk])
-    result = evaluator.result()
+    result = knn_accuracy(bank, bank_labels, queries, query_labels, k, temperature, ks)
     return {("knn_" + key if key.startswith("top") else key): value for key, value in result.items()}
