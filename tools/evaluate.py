@@ -52,9 +52,11 @@ def parse_args(argv):
     parser.add_argument("--knn-k", type=int, default=20, help="kNN neighbours (default 20)")
     parser.add_argument("--knn-temperature", type=float, default=0.07,
                         help="kNN vote weight exp(similarity / T) (default 0.07)")
-    parser.add_argument("--engine", choices=("dygraph", "inference"), default="dygraph",
-                        help="compute features with the dygraph model or a Paddle Inference "
-                             "predictor (faster for large models and sets)")
+    parser.add_argument("--engine", choices=("dygraph", "inference", "onnxruntime"),
+                        default="dygraph",
+                        help="compute features with the dygraph model, a Paddle Inference "
+                             "predictor or onnxruntime (the last two: faster for large models "
+                             "and sets; onnxruntime needs the [onnx] extra)")
     parser.add_argument("--val-fraction", type=float, metavar="F",
                         help="for a folder without val: hold out F of every train class")
     parser.add_argument("--finetune", nargs="?", const=DEFAULT_RECIPE, metavar="RECIPE",
