@@ -169,3 +169,31 @@ def test_banks_reshard_in_sample_order_once_each():
     np.testing.assert_array_equal(parts[0]["embeddings"][:, 1], saved[1]["embeddings"][:, 0])
     np.testing.assert_array_equal(parts[2]["embeddings"][:, 1], saved[1]["embeddings"][:, 2])
     np.testing.assert_array_equal(parts[2]["embeddings"][:, 0], saved[0]["embeddings"][:, 0])
+
+
+@pytest.mark.parametrize("name, epochs, crops, sizes, low", [
+    ("deepclusterv2_r50_800ep", 800, [2, 6], [224, 96], [0.14, 0.05]),
+    ("deepclusterv2_r50_400ep", 400, [2, 4], [160, 96], [0.08, 0.05]),
+    ("deepclusterv2_r50_400ep_2x224", 400, [2], [224], [0.08])])
+def test_imagenet_configs_follow_the_reference_scripts(name, epochs, crops, sizes, low):
+    import os
+
+    from passl.config import load_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "configs", "deepclusterv2", name + ".yaml"))
+    multicrop = cfg.dataloader.train.dataset.transforms[0]
+    assert (multicrop.nmb_crops, multicrop.size_crops, multicrop.min_scale_crops) == \
+        (crops, sizes, low)
+    assert cfg.model.loss.nmb_crops == crops and cfg.model.loss.temperature == 0.1
+    assert cfg.model.head.num_prototypes == [3000, 3000, 3000]
+    assert cfg.epochs == epochs and cfg.dataloader.train.sampler.batch_size == 64
+    hook = cfg.hooks[0]
+    assert (hook.name, hook.freeze_prototypes_epochs, hook.kmeans_iterations) == \
+        ("DeepClusterV2Hook", epochs, 10)  # frozen for the whole run
+    lr = cfg.lr_scheduler
+    assert (lr.base_lr, lr.final_lr, lr.warmup_epochs, lr.start_warmup,
+            lr.reference_batch_size) == (4.8, 0.0048, 10, 0.3, 4096)
+    assert (cfg.optimizer.name, cfg.optimizer.weight_decay) == ("LARS", 1e-6)
+    with paddle.LazyGuard():
+        model = MODELS.build(cfg.model)
+    assert [w.shape for w in model.head.prototype_weights()] == [[128, 3000]] * 3
