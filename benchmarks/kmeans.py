@@ -12,7 +12,12 @@ iteration and the gather ``2 x rows x 8`` bytes per head, independent of the com
 Memory per process: the bank (``rows x (8 + 4 x crops x dim)`` bytes), the assignment table
 (``images x heads x 8``) and the E step's score block (``min(rows, 65536) x centroids x 4``).
 
-JSON (last line): ``seconds_per_head`` (measured), ``gflops_per_s``, and under ``imagenet``
+Alternating with each k-means run, one plain ``bank @ centroids^T`` matmul of the same shape is
+timed: ``overhead_vs_matmuls`` = k-means time / (iterations + 1) matmuls, a ratio that holds
+on a loaded machine and turns a device's matmul throughput into a k-means time.
+
+JSON (last line): ``seconds_per_head`` (measured), ``gflops_per_s``, ``matmul_seconds``,
+``overhead_vs_matmuls``, and under ``imagenet``
 one entry per process count with ``rows_per_process``, ``seconds_per_epoch`` (3 heads, this
 machine) and ``bank_mb``.
 """
@@ -47,17 +52,25 @@ def main(args):
     bank = paddle.to_tensor(bank)
     start = rng.permutation(args.rows)[:args.centroids]
     spherical_kmeans(bank, start, 1)  # warm-up
-    times = []
-    for _ in range(args.repeats):
+    centroids = paddle.gather(bank, paddle.to_tensor(start))
+    times, matmuls = [], []
+    for _ in range(args.repeats):  # alternating, so both see the same machine load
         began = time.perf_counter()
         spherical_kmeans(bank, start, args.iterations)
         times.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        paddle.matmul(bank, centroids, transpose_y=True)  # CPU kernels are synchronous
+        matmuls.append(time.perf_counter() - began)
     per_head = statistics.median(times)
+    matmul = statistics.median(matmuls)
     flops = 2.0 * args.rows * args.centroids * args.dim * (args.iterations + 1)
+    overhead = per_head / (matmul * (args.iterations + 1))
     print(f"k-means of {args.rows} x {args.dim} rows into {args.centroids} centroids, "
           f"{args.iterations} iterations, {paddle.device.get_device()}, {threads} thread(s): "
           f"{per_head:.3f} s per head (median of {args.repeats}), "
-          f"{flops / per_head / 1e9:.1f} GFLOP/s in the E steps")
+          f"{flops / per_head / 1e9:.1f} GFLOP/s in the E steps; "
+          f"{overhead:.2f} x the time of its {args.iterations + 1} score matmuls alone "
+          f"({matmul:.3f} s each)")
     print(f"ImageNet projection ({IMAGENET_IMAGES} images, {args.heads} heads, "
           f"{args.centroids} centroids, {args.iterations} iterations, {args.crops} x "
           f"{args.dim}-d bank):")
@@ -78,6 +91,7 @@ def main(args):
                                     "table_mb": table_mb, "scores_mb": scores_mb}
     if args.json:
         print(json.dumps({"seconds_per_head": per_head, "gflops_per_s": flops / per_head / 1e9,
+                          "matmul_seconds": matmul, "overhead_vs_matmuls": overhead,
                           "rows": args.rows, "dim": args.dim, "centroids": args.centroids,
                           "iterations": args.iterations, "threads": threads,
                           "imagenet": imagenet}))
