@@ -8,7 +8,9 @@ Each block has three parts::
 
 Batches are ``(inputs, labels)``: ``inputs`` a float32 Tensor ``[B, 3, H, W]`` or, for
 multi-crop datasets, a list with one such Tensor per crop (crops of equal size
-consecutive); ``labels`` int64 ``[B]`` (-1 when unlabelled).
+consecutive); ``labels`` int64 ``[B]`` (-1 when unlabelled). With ``with_indices``
+(:func:`build_dataloader`, for a model that keeps per-sample state) a third element,
+``indices`` int64 ``[B]``, gives each image's index in the dataset.
 
 Before each epoch call :func:`set_loader_epoch`: it reshuffles the sampler and selects
 the dataset's augmentations for that epoch, and, for a run resumed mid-epoch, skips the
