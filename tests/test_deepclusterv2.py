@@ -82,7 +82,7 @@ def test_initial_centroids_are_distinct_rows_drawn_from_seed_epoch_and_head():
     assert len(set(a.tolist())) == 30 and a.max() < 100
     np.testing.assert_array_equal(a, initial_centroid_indices(0, 3, 1, 100, 30))
     assert not np.array_equal(a, initial_centroid_indices(0, 4, 1, 100, 30))
-    with pytest.raises(ValueError, match="at least as many bank rows"):
+    with pytest.raises(ConfigError, match="at least as many memory bank rows"):
         initial_centroid_indices(0, 0, 0, 20, 30)
 
 

@@ -29,7 +29,7 @@ class SwAVHook(FreezePrototypesHook):
         super().__init__(freeze_prototypes_niters, freeze_prototypes_epochs)
         for key, value in (("queue_length", queue_length),
                            ("epoch_queue_starts", epoch_queue_starts)):
-            if value < 0:
+            if value is not None and value < 0:
                 raise ConfigError(f"SwAVHook.{key} must be >= 0, got {value}")
         self.queue_length = queue_length
         self.epoch_queue_starts = epoch_queue_starts

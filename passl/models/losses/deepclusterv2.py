@@ -35,9 +35,9 @@ def initial_centroid_indices(seed, epoch, head, bank_rows, num_centroids):
     uninterrupted one drew without saving a generator.
     """
     if bank_rows < num_centroids:
-        raise ValueError(f"k-means: {num_centroids} centroids need at least as many bank rows "
-                         f"on rank 0, which has {bank_rows}; lower the number of prototypes or "
-                         f"raise the per-process batch or data size")
+        raise ConfigError(f"k-means: {num_centroids} centroids need at least as many memory bank "
+                          f"rows on rank 0, which has {bank_rows} (its images per epoch); lower "
+                          f"model.head.num_prototypes or use fewer processes")
     return np.random.default_rng([seed, epoch, head]).permutation(bank_rows)[:num_centroids]
 
 
