@@ -36,8 +36,9 @@ class DeepClusterV2Hook(FreezePrototypesHook):
       assignments of all samples (``model.loss.assignments``);
     - after every step the step's embeddings and indices overwrite the bank's next rows.
 
-    State (per process, in checkpoints): the bank, and the epoch's assignments, so a run
-    resumed mid-epoch continues with the clusters it had. Resuming on another number of
+    State (per process, in checkpoints): the bank, and the epoch's assignments (in rank 0's
+    state only, the same on every process), so a run resumed mid-epoch continues with the
+    clusters it had. Resuming on another number of
     processes (epoch checkpoints only) re-shards the banks in global sample order
     (:func:`~passl.models.losses.deepclusterv2_bank.reshard_banks`); k-means then runs on
     the same embeddings, from centroids drawn from the new rank 0's rows.
@@ -53,6 +54,7 @@ class DeepClusterV2Hook(FreezePrototypesHook):
         self.bank = None
         self.assignments = None  # [H, dataset size] of the epoch clustered_epoch
         self.clustered_epoch = None
+        self.rank = 0
 
     def before_run(self, trainer):
         super().before_run(trainer)
@@ -60,10 +62,15 @@ class DeepClusterV2Hook(FreezePrototypesHook):
         if not hasattr(loss, "assignments"):
             raise ConfigError("DeepClusterV2Hook: the model has no cluster assignments to set; "
                               "use it with model.name: DeepClusterV2")
+        self.rank = trainer.rank
         if self.bank is None:
             self.bank = self._filled_bank(trainer)
-        if self.clustered_epoch is not None:
-            loss.assignments = paddle.to_tensor(self.assignments.astype(np.int64))
+        if self.clustered_epoch is not None:  # resumed mid-epoch: rank 0 saved the table
+            heads = len(trainer.model.head.prototype_weights())
+            table = paddle.to_tensor(self.assignments) if trainer.rank == 0 else \
+                paddle.zeros([heads, len(trainer.train_loader.dataset)], dtype="int64")
+            loss.assignments = distributed.broadcast(table, src=0)
+            self.assignments = loss.assignments.numpy()
 
     def before_epoch(self, trainer):
         if self.clustered_epoch == trainer.epoch:
@@ -127,9 +134,9 @@ class DeepClusterV2Hook(FreezePrototypesHook):
             return {}
         state = {"bank": self.bank.state_dict()}
         if self.clustered_epoch is not None:
-            # int32: the same table on every process, 4 bytes per sample and head
-            state["assignments"] = self.assignments.astype(np.int32)
             state["clustered_epoch"] = self.clustered_epoch
+            if self.rank == 0:  # the same table on every process: saved once, 4 bytes a value
+                state["assignments"] = self.assignments.astype(np.int32)
         return state
 
     def set_state_dict(self, state):
@@ -138,7 +145,8 @@ class DeepClusterV2Hook(FreezePrototypesHook):
         self.bank = MemoryBank(1, 0, 1)
         self.bank.set_state_dict(state["bank"])
         if state.get("clustered_epoch") is not None:
-            self.assignments = np.asarray(state["assignments"]).astype(np.int64)
+            saved = state.get("assignments")
+            self.assignments = None if saved is None else np.asarray(saved).astype(np.int64)
             self.clustered_epoch = int(state["clustered_epoch"])
 
     def state_from_ranks(self, rank_states, saved_global_batch, trainer):
