@@ -65,7 +65,7 @@ class DeepClusterV2Hook(FreezePrototypesHook):
         self.rank = trainer.rank
         if self.bank is None:
             self.bank = self._filled_bank(trainer)
-        if self.clustered_epoch is not None:  # resumed mid-epoch: rank 0 saved the table
+        if self.clustered_epoch == trainer.start_epoch:  # resumed mid-epoch: rank 0 saved it
             heads = len(trainer.model.head.prototype_weights())
             table = paddle.to_tensor(self.assignments) if trainer.rank == 0 else \
                 paddle.zeros([heads, len(trainer.train_loader.dataset)], dtype="int64")
