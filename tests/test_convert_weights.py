@@ -346,3 +346,26 @@ def test_full_size_reference_model_converts_exactly(tmp_path, widen, config):
         relative = np.abs(ours.numpy() - theirs).max() / np.abs(theirs).max()
         print(f"w{widen} {name}: max relative difference {relative:.2e}")
         assert relative <= 1e-4, name
+
+
+TINY_DEEPCLUSTERV2 = {**TINY_SWAV, "name": "DeepClusterV2",
+                      "head": {"name": "SwAVPrototypes", "in_dim": 8,
+                               "num_prototypes": [10, 7, 9]},
+                      "loss": {"name": "DeepClusterV2Loss", "nmb_crops": [2]}}
+
+
+def test_deepclusterv2_file_converts_with_its_three_heads(tmp_path):
+    """The published DeepCluster-v2 layout (tests/fixtures/make_deepclusterv2_fixture.py)."""
+    path, out = convert(tmp_path, [fixture("deepclusterv2_tiny_legacy.pth")], "deepclusterv2",
+                        TINY_DEEPCLUSTERV2, "dcv2")
+    assert "  prototypes.prototypes2.weight -> head.heads.2.weight (transposed" in out
+    expected = np.load(fixture("deepclusterv2_tiny_outputs.npz"))
+    model = built(TINY_DEEPCLUSTERV2, path)
+    features = model.backbone(paddle.to_tensor(expected["images"]))
+    embeddings = model.neck(features)
+    for ours, theirs in ((features, expected["features"]), (embeddings, expected["embeddings"])):
+        assert np.abs(ours.numpy() - theirs).max() <= TOLERANCE
+    for h, scores in enumerate(model.head(embeddings)):
+        assert np.abs(scores.numpy() - expected[f"scores{h}"]).max() <= TOLERANCE, h
+    assert tool.default_config("deepclusterv2", 1).endswith(
+        os.path.join("configs", "deepclusterv2", "deepclusterv2_r50_800ep.yaml"))

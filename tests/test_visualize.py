@@ -388,3 +388,30 @@ def test_the_legend_names_the_classes(tmp_path, monkeypatch):
     plot_visualize.draw_feature_maps([panel], "pca", str(tmp_path / "f.png"), CLASS_NAMES)
     legend = figures[0].axes[-1].get_legend()
     assert [text.get_text() for text in legend.get_texts()] == CLASS_NAMES
+
+
+def test_deepclusterv2_gallery_and_usage_of_each_head(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(plot_visualize, "draw_gallery", lambda rows, output, title, size: None)
+    monkeypatch.setattr(plot_visualize, "draw_usage", lambda history, total, output: None)
+    cfg = swav_config(setup["data"], tmp_path / "dcv2")
+    cfg["model"].update(name="DeepClusterV2",
+                        head={"name": "SwAVPrototypes", "in_dim": 8, "num_prototypes": [6, 4]},
+                        loss={"name": "DeepClusterV2Loss", "nmb_crops": [2]})
+    cfg = load_config(write_config(tmp_path / "dcv2.yaml", cfg))
+    model = save_model(cfg, tmp_path / "dcv2.pd", seed=5)
+    normalised, _, _ = val_images(setup["data"])
+    model.eval()
+    with paddle.no_grad():
+        embeddings = model.neck(model.backbone(paddle.to_tensor(np.stack(normalised))))
+    for head, size in enumerate((6, 4)):
+        weight = F.normalize(model.head.heads[head].weight, axis=0)
+        counts = np.bincount(paddle.matmul(embeddings, weight).numpy().argmax(1), minlength=size)
+        result = visualize.prototype_gallery(cfg, str(tmp_path / "dcv2.pd"),
+                                             str(tmp_path / "g.png"), top=2, head=head)
+        np.testing.assert_array_equal(result["counts"], counts)
+        history = visualize.assignment_usage(cfg, str(tmp_path / "u.png"),
+                                             load=str(tmp_path / "dcv2.pd"), head=head)
+        np.testing.assert_array_equal(history[0]["counts"], counts)
+    with pytest.raises(UserError, match="--head 2: the model has prototype heads 0..1"):
+        visualize.prototype_gallery(cfg, str(tmp_path / "dcv2.pd"), str(tmp_path / "g.png"),
+                                    head=2)

@@ -19,6 +19,9 @@ BENCHMARKS = {
               "SwAV training step: images/s, GFLOP/s, peak RSS (model, loss, LARS)"),
     "infer": ("benchmarks.infer",
               "ResNet feature extraction images/s: Paddle dygraph vs Paddle Inference vs PyTorch"),
+    "kmeans": ("benchmarks.kmeans",
+               "DeepCluster-v2 k-means seconds per epoch on a synthetic bank, projected to "
+               "ImageNet"),
 }
 
 

@@ -5,6 +5,8 @@
         --model swav
     python tools/convert_weights.py swav_800ep_pretrain.pth.tar swav_800ep_eval_linear.pth.tar \\
         --output swav_r50_linear.pdparams --model classifier
+    python tools/convert_weights.py deepclusterv2_800ep_pretrain.pth.tar \
+        --output deepclusterv2_full.pdparams --model deepclusterv2
 
     python tools/convert_weights.py epoch_100.pdparams --output swav_full.pdparams --model swav
 
@@ -12,6 +14,7 @@ No torch needed: both PyTorch file formats are read directly, and nothing in the
 PASSL v1 files (its checkpoints epoch_N.pdparams and model state dicts) are recognised by their
 layout (or --from passl-v1) and renamed; their tensors are Paddle's already.
 backbone: for --pretrained; swav: the whole SwAV model (--load, or to continue pretraining);
+deepclusterv2: the whole DeepClusterV2 model (its three prototype heads included);
 classifier: trunk + eval_linear classifier (--load ... --evaluate-only). The result is checked
 against the model of -c CONFIG (default: the paper's config of the file's width).
 """
@@ -31,8 +34,14 @@ LINEAR_CONFIGS = {1: "swav_clas_r50.yaml", 2: "swav_clas_r50w2.yaml",
                   4: "swav_clas_r50w4.yaml", 5: "swav_clas_r50w5.yaml"}
 
 
+#: The published DeepCluster-v2 models are all ResNet-50 with 3 x 3000 prototypes.
+DEEPCLUSTERV2_CONFIG = os.path.join("deepclusterv2", "deepclusterv2_r50_800ep.yaml")
+
+
 def default_config(target, width):
     """The paper's config for a ResNet-50 of ``width`` (width 1 when it is none of 1/2/4/5)."""
+    if target == "deepclusterv2":
+        return os.path.relpath(os.path.join(ROOT, "configs", DEEPCLUSTERV2_CONFIG))
     configs = PRETRAIN_CONFIGS if target == "swav" else LINEAR_CONFIGS
     return os.path.relpath(os.path.join(ROOT, "configs", "swav", configs.get(width, configs[1])))
 
@@ -99,11 +108,14 @@ def parse_args(argv):
                         help="what wrote SRC (default auto: PASSL v1 files are recognised by "
                              "their layout, anything else is read as PyTorch)")
     parser.add_argument("--output", required=True, help="weights file to write (.pdparams)")
-    parser.add_argument("--model", choices=["backbone", "swav", "classifier"], default="backbone",
+    parser.add_argument("--model", choices=["backbone", "swav", "deepclusterv2", "classifier"],
+                        default="backbone",
                         help="what to write (default: backbone)")
     add_config_arguments(parser, required=False,
                          config_help="the config the weights are for (default: configs/swav/ "
-                                     "swav_r50*.yaml or swav_clas_r50*.yaml of the file's width)")
+                                     "swav_r50*.yaml or swav_clas_r50*.yaml of the file's width; "
+                                     "configs/deepclusterv2/deepclusterv2_r50_800ep.yaml for "
+                                     "--model deepclusterv2)")
     return parser.parse_args(argv)
 
 

@@ -58,9 +58,12 @@ def verb_parser(verb):
         parser.add_argument("--split", choices=("val", "train"),
                             help="which image set to score (default: val when there is one, "
                                  "else train)")
+        parser.add_argument("--head", type=int, default=0,
+                            help="prototype head (DeepCluster-v2 has several; default 0)")
     if verb == "prototypes":
         parser.add_argument("--load", required=True, metavar="CKPT",
-                            help="SwAV checkpoint or converted SwAV model (the prototypes are needed)")
+                            help="SwAV/DeepCluster-v2 checkpoint or converted model "
+                                 "(the prototypes are needed)")
         parser.add_argument("--top", type=int, default=8, help="images per prototype (default 8)")
         parser.add_argument("--prototypes", type=int, default=10, metavar="N",
                             help="rows: the N most used prototypes (default 10)")
@@ -123,11 +126,12 @@ def main(argv=None):
     data_cfg = load_config(args.data) if args.data and os.path.isfile(args.data) else args.data
     if verb == "prototypes":
         result = visualize.prototype_gallery(cfg, args.load, args.output, args.top, args.prototypes,
-                                             args.ids, args.split, data_cfg, args.thumb)
+                                             args.ids, args.split, data_cfg, args.thumb,
+                                             args.head)
         summary = f"prototypes {', '.join(map(str, result['prototypes']))}"
     elif verb == "usage":
         history = visualize.assignment_usage(cfg, args.output, args.load, args.run, args.split,
-                                             data_cfg, args.max_checkpoints)
+                                             data_cfg, args.max_checkpoints, args.head)
         last = history[-1]
         summary = (f"{len(history)} checkpoint(s); last: entropy {last['entropy']:.3f} nats, "
                    f"{int((last['counts'] > 0).sum())}/{len(last['counts'])} prototypes used")

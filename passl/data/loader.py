@@ -8,7 +8,9 @@ Each block has three parts::
 
 Batches are ``(inputs, labels)``: ``inputs`` a float32 Tensor ``[B, 3, H, W]`` or, for
 multi-crop datasets, a list with one such Tensor per crop (crops of equal size
-consecutive); ``labels`` int64 ``[B]`` (-1 when unlabelled).
+consecutive); ``labels`` int64 ``[B]`` (-1 when unlabelled). With ``with_indices``
+(:func:`build_dataloader`, for a model that keeps per-sample state) a third element,
+``indices`` int64 ``[B]``, gives each image's index in the dataset.
 
 Before each epoch call :func:`set_loader_epoch`: it reshuffles the sampler and selects
 the dataset's augmentations for that epoch, and, for a run resumed mid-epoch, skips the
@@ -61,12 +63,42 @@ def _block_options(cfg, key, defaults, parent):
 def collate_batch(batch):
     """[(sample, label)] -> (stacked samples, int64 labels); a multi-crop sample (a list of
     crops) becomes a list with one ``[B, 3, H, W]`` array per crop. The DataLoader turns
-    the arrays into Tensors (through shared memory when collated in a worker)."""
-    samples, labels = zip(*batch)
+    the arrays into Tensors (through shared memory when collated in a worker).
+    [(sample, label, index)] (:class:`WithIndices`) adds the int64 indices."""
+    samples, labels, *indices = zip(*batch)
     labels = np.asarray(labels, dtype=np.int64)
+    extra = tuple(np.asarray(values, dtype=np.int64) for values in indices)
     if isinstance(samples[0], (list, tuple)):
-        return [np.stack([crops[v] for crops in samples]) for v in range(len(samples[0]))], labels
-    return np.stack(samples), labels
+        crops = [np.stack([crops[v] for crops in samples]) for v in range(len(samples[0]))]
+        return (crops, labels) + extra
+    return (np.stack(samples), labels) + extra
+
+
+class WithIndices(paddle.io.Dataset):
+    """A dataset whose items carry their index: ``(sample, label, index)``.
+
+    For methods that keep per-sample state across steps (DeepCluster-v2's memory bank and
+    cluster assignments). The index is the one the sampler asked for, so it is the position
+    in ``dataset`` (a subset's own numbering, a TarShards sample number) whatever the
+    sampler, rank or worker. Other attributes (``set_epoch``, ``transform``, ...) are the
+    wrapped dataset's.
+    """
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample, label = self.dataset[index]
+        return sample, label, int(index)
+
+    def __getattr__(self, name):
+        if name == "dataset":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def single_threaded_opencv(worker_id=None):
@@ -256,16 +288,18 @@ class PasslDataLoader(DataLoader):
 
     def _read_in_this_thread(self):
         for indices in self.batch_sampler:
-            inputs, labels = self.collate_fn([self.dataset[i] for i in indices])
+            inputs, *rest = self.collate_fn([self.dataset[i] for i in indices])
             inputs = [paddle.to_tensor(crop) for crop in inputs] \
                 if isinstance(inputs, list) else paddle.to_tensor(inputs)
-            yield inputs, paddle.to_tensor(labels)
+            yield (inputs, *(paddle.to_tensor(values) for values in rest))
 
 
-def build_dataloader(cfg, mode="train", seed=0):
+def build_dataloader(cfg, mode="train", seed=0, with_indices=False):
     """A paddle.io.DataLoader over a DistributedBatchSampler for ``cfg`` (a
     ``dataloader.train``/``val`` block); ``seed`` is the config's seed, passed to the
-    dataset for its per-sample augmentation generators."""
+    dataset for its per-sample augmentation generators. ``with_indices``: batches are
+    ``(inputs, labels, indices)`` with each image's dataset index (:class:`WithIndices`),
+    for a model that asks for them (``needs_sample_indices``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     path = key_path_of(cfg, f"dataloader.{mode}")
@@ -289,6 +323,8 @@ def build_dataloader(cfg, mode="train", seed=0):
             f"of the {len(dataset)} samples on each of {distributed.get_world_size()} process(es); "
             "lower it")
     _WorkerUserErrors.install()
+    if with_indices:
+        dataset = WithIndices(dataset)
     return PasslDataLoader(dataset, batch_sampler=sampler, collate_fn=collate_batch,
                            worker_init_fn=init_worker, persistent_workers=False,
                            **loader_options)

@@ -103,7 +103,10 @@ class Trainer:
         cfg = self.cfg
         if "train" not in loaders:
             raise ConfigError("dataloader.train: missing; the trainer needs a train loader")
-        self.train_loader = build_dataloader(loaders["train"], mode="train", seed=seed)
+        # a model that keeps per-sample state (DeepCluster-v2) asks for each image's index
+        self.train_loader = build_dataloader(
+            loaders["train"], mode="train", seed=seed,
+            with_indices=getattr(self.model, "needs_sample_indices", False))
         check_shared_memory(self.train_loader, local_process_count(), self.logger)
         self.normalize_batch = batch_normalizer(self.train_loader)  # uint8 crops, on the device
         self._derive_run_values()
@@ -326,7 +329,8 @@ class Trainer:
         raise TrainingStopped(signal.Signals(signum).name, path, self.iter)
 
     def run_step(self, batch):
-        """One optimisation step on ``batch`` = ``(inputs, labels)``.
+        """One optimisation step on ``batch`` = ``(inputs, labels)`` (``+ (indices,)`` for a
+        model with ``needs_sample_indices``).
 
         Override to change what a step does (e.g. gradient accumulation); hooks see the
         model's ``outputs`` after the forward pass and the gradients in ``after_backward``.

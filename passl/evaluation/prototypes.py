@@ -22,7 +22,8 @@ def swav_embeddings(model, loader):
     image of an ordered evaluation ``loader``, on every rank; batched as the loader batches."""
     if not all(hasattr(model, part) for part in ("backbone", "neck", "head")):
         raise UserError(f"model: {type(model).__name__} has no prototypes; prototype galleries "
-                        f"and usage need a SwAV config (model.name: SwAV) and its checkpoint")
+                        f"and usage need a config with model.name: SwAV or DeepClusterV2 and "
+                        f"its checkpoint")
     embeddings, labels = extract_features(model, loader, gather=True,
                                           features_of=lambda images: model.neck(model.backbone(images)))
     rows = shard_order(len(loader.dataset), distributed.get_world_size())

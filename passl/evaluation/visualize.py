@@ -129,10 +129,14 @@ def image_loader(cfg, blocks, split):
     return build_dataloader(block, mode="val", seed=cfg.get("seed", 0)), block, split
 
 
-def assignments(model, loader):
-    """Scores of every image of ``loader`` on the first prototype head, and their usage."""
+def assignments(model, loader, head=0):
+    """Scores of every image of ``loader`` on prototype head ``head`` (DeepCluster-v2 and
+    multi-head SwAV have several), and their usage."""
+    heads = model.head.prototype_weights() if hasattr(model, "head") else []
+    if heads and not 0 <= head < len(heads):
+        raise UserError(f"--head {head}: the model has prototype heads 0..{len(heads) - 1}")
     embeddings, _ = prototypes.swav_embeddings(model, loader)
-    scores = prototypes.prototype_scores(embeddings, model.head.prototype_weights()[0].numpy())
+    scores = prototypes.prototype_scores(embeddings, heads[head].numpy())
     counts = prototypes.assignment_counts(scores)
     return scores, counts
 
@@ -144,13 +148,14 @@ def raw_images(block, indices, seed):
 
 
 def prototype_gallery(cfg, load, output, top=8, count=10, ids=None, split=None, data_cfg=None,
-                      thumb=48):
+                      thumb=48, head=0):
     """Gallery PNG of the ``top`` images scoring highest on each of the ``count`` most used
-    prototypes (or on ``ids``). Returns ``{'prototypes', 'images', 'counts'}`` (dataset indices)."""
+    prototypes (or on ``ids``) of prototype head ``head``. Returns ``{'prototypes', 'images',
+    'counts'}`` (dataset indices)."""
     rank = start(cfg)
     model = build_model(cfg, load)
     loader, block, split = image_loader(cfg, image_sets(cfg, data_cfg), split)
-    scores, counts = assignments(model, loader)
+    scores, counts = assignments(model, loader, head)
     num_prototypes = scores.shape[1]
     if ids:
         wrong = [p for p in ids if not 0 <= p < num_prototypes]
@@ -166,6 +171,8 @@ def prototype_gallery(cfg, load, output, top=8, count=10, ids=None, split=None, 
         rows = [{"prototype": int(p), "share": counts[p] / len(scores),
                  "images": raw_images(block, row, seed)} for p, row in zip(chosen, images)]
         which = f"{len(chosen)} {'chosen' if ids else 'most used'} of {num_prototypes}"
+        if len(model.head.prototype_weights()) > 1:
+            which += f" head-{head}"
         from passl.utils.plot_visualize import draw_gallery
         draw_gallery(rows, output, f"top {images.shape[1]} of {len(scores)} {split} images on "
                                    f"{which} prototypes (left: id, share of hard assignments)",
@@ -179,9 +186,10 @@ def spread(items, limit):
 
 
 def assignment_usage(cfg, output, load=None, run=None, split=None, data_cfg=None,
-                     max_checkpoints=20):
-    """Usage PNG: hard assignments per prototype and their entropy for the checkpoint ``load``,
-    or for up to ``max_checkpoints`` of the run in ``run`` (its output_dir), oldest first.
+                     max_checkpoints=20, head=0):
+    """Usage PNG: hard assignments per prototype of head ``head`` and their entropy for the
+    checkpoint ``load``, or for up to ``max_checkpoints`` of the run in ``run`` (its
+    output_dir), oldest first.
 
     Returns ``[{'epoch', 'path', 'counts', 'entropy'}]``.
     """
@@ -199,7 +207,7 @@ def assignment_usage(cfg, output, load=None, run=None, split=None, data_cfg=None
     history = []
     for epoch, path in checkpoints:
         load_model_weights(model, path)
-        _, counts = assignments(model, loader)
+        _, counts = assignments(model, loader, head)
         history.append({"epoch": epoch, "path": path, "counts": counts,
                         "entropy": prototypes.assignment_entropy(counts)})
     if rank == 0:

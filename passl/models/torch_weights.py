@@ -22,6 +22,9 @@ from passl.models.torch_names import DROPPED_BUFFER, paddle_layout
 #: ``--model`` -> how a reference tensor name becomes ours in that model.
 TARGETS = {
     "swav": swav_from_torch,              # whole SwAV model: --load, or continue pretraining
+    # whole DeepClusterV2 model: the reference names its network as SwAV's, with three
+    # prototype heads (prototypes.prototypes0..2, MultiPrototypes)
+    "deepclusterv2": swav_from_torch,
     "classifier": classification_from_torch,  # trunk + linear classifier: --evaluate-only
     "backbone": resnet_from_torch,        # trunk alone, no prefix: --pretrained
 }

@@ -1,5 +1,6 @@
 """SwAV's training-time schedule: frozen prototypes at the start, and the embedding queue."""
-from passl.engine.hooks.base import HOOKS, Hook, Priority
+from passl.engine.hooks.base import HOOKS
+from passl.engine.hooks.prototype_freezing import FreezePrototypesHook
 from passl.errors import ConfigError
 from passl.models.losses.swav_queue import (SwAVQueue, queue_rows_per_rank, queue_union,
                                             shard_queue_union)
@@ -30,7 +31,7 @@ def queue_fill_warning(queue_rows, iters_per_epoch, global_batch_size, epoch_que
 
 
 @HOOKS.register()
-class SwAVHook(Hook):
+class SwAVHook(FreezePrototypesHook):
     """Freezes the prototypes for the first iterations and runs the SwAV queue.
 
     Config keys (``hooks`` entry ``name: SwAVHook``):
@@ -43,42 +44,26 @@ class SwAVHook(Hook):
             an epoch's embeddings (a small dataset) is warned about at the start.
         epoch_queue_starts: first epoch (0-based) that fills the queue.
 
-    Freezing drops the prototype gradients after ``backward`` (as the
-    reference sets ``p.grad = None``), so the optimizer skips those
-    parameters entirely: no update, no weight decay, no momentum.
+    Freezing: see :class:`~passl.engine.hooks.prototype_freezing.FreezePrototypesHook`.
     The queue lives on ``trainer.model.loss.queue``; the hook's state (saved
     per rank) carries it across resumes.
     """
 
-    priority = Priority.HIGH
-
     def __init__(self, freeze_prototypes_niters=None, freeze_prototypes_epochs=None,
                  queue_length=0, epoch_queue_starts=15):
-        if (freeze_prototypes_niters is None) == (freeze_prototypes_epochs is None):
-            raise ConfigError("SwAVHook: give exactly one of freeze_prototypes_epochs and "
-                              "freeze_prototypes_niters (0 disables freezing)")
-        for key, value in (("freeze_prototypes_niters", freeze_prototypes_niters),
-                           ("freeze_prototypes_epochs", freeze_prototypes_epochs),
-                           ("queue_length", queue_length),
+        super().__init__(freeze_prototypes_niters, freeze_prototypes_epochs)
+        for key, value in (("queue_length", queue_length),
                            ("epoch_queue_starts", epoch_queue_starts)):
             if value is not None and value < 0:
                 raise ConfigError(f"SwAVHook.{key} must be >= 0, got {value}")
-        self.freeze_prototypes_niters = freeze_prototypes_niters
-        self.freeze_prototypes_epochs = freeze_prototypes_epochs
         self.queue_length = queue_length
         self.epoch_queue_starts = epoch_queue_starts
-        self.freeze_iters = None  # set in before_run, when iterations per epoch are known
-        self.queue_rows = None  # per rank, likewise
+        self.queue_rows = None  # per rank, set in before_run
         self.queue = None
         self._queue_state = None  # loaded before the queue exists
 
     def before_run(self, trainer):
-        if self.freeze_prototypes_epochs is not None:
-            self.freeze_iters = round(self.freeze_prototypes_epochs * trainer.iters_per_epoch)
-        else:
-            self.freeze_iters = self.freeze_prototypes_niters
-        trainer.logger.info("SwAV: prototypes frozen for the first %d iterations",
-                            self.freeze_iters)
+        super().before_run(trainer)
         if self.queue_length > 0:
             self.queue_rows = queue_rows_per_rank(self.queue_length, trainer.global_batch_size,
                                                   trainer.world_size)
@@ -99,11 +84,6 @@ class SwAVHook(Hook):
         due = trainer.epoch >= self.epoch_queue_starts or self._queue_state is not None
         if self.queue is None and self.queue_length > 0 and due:
             self._start_queue(trainer)
-
-    def after_backward(self, trainer):
-        if trainer.iter < self.freeze_iters:
-            for weight in trainer.model.head.prototype_weights():
-                weight.clear_gradient(False)  # False: drop the gradient, do not zero it
 
     def _start_queue(self, trainer):
         loss = trainer.model.loss

@@ -27,6 +27,27 @@ def prototypes_used(scores):
         return used.mean()
 
 
+def checked_crops(crops, nmb_crops):
+    """The batch's crops as a list, checked against the loss's ``nmb_crops``."""
+    if isinstance(crops, paddle.Tensor):
+        crops = [crops]
+    expected = sum(nmb_crops)
+    if len(crops) != expected:
+        raise ConfigError(f"the batch has {len(crops)} crops per image but "
+                          f"model.loss.nmb_crops {nmb_crops} expects {expected}; "
+                          f"make the MultiCrop transform's nmb_crops and model.loss.nmb_crops "
+                          f"agree")
+    return crops
+
+
+def multicrop_embeddings(backbone, neck, crops):
+    """``[sum(crops) * B, D]`` crop-major embeddings: one backbone call per resolution (as
+    the reference's multi-resolution forward), then the neck on all crops at once."""
+    features = [backbone(paddle.concat(group)) for group in resolution_groups(crops)]
+    features = features[0] if len(features) == 1 else paddle.concat(features)
+    return neck(features)
+
+
 @MODELS.register()
 class SwAV(nn.Layer):
     """Swapping Assignments between Views (Caron et al. 2020).
@@ -49,22 +70,11 @@ class SwAV(nn.Layer):
         self.loss = LOSSES.build(loss)
 
     def forward(self, batch):
-        crops, _ = batch
-        if isinstance(crops, paddle.Tensor):
-            crops = [crops]
-        expected = sum(self.loss.nmb_crops)
-        if len(crops) != expected:
-            raise ConfigError(f"the batch has {len(crops)} crops per image but "
-                              f"model.loss.nmb_crops {self.loss.nmb_crops} expects {expected}; "
-                              f"make the MultiCrop transform's nmb_crops and model.loss.nmb_crops "
-                              f"agree")
+        crops = checked_crops(batch[0], self.loss.nmb_crops)
         if self.training:
             self.head.normalize_prototypes()
         batch_size = crops[0].shape[0]
-        # one backbone call per resolution; rows stay crop-major
-        features = [self.backbone(paddle.concat(group)) for group in resolution_groups(crops)]
-        features = features[0] if len(features) == 1 else paddle.concat(features)
-        embeddings = self.neck(features)
+        embeddings = multicrop_embeddings(self.backbone, self.neck, crops)
         scores_per_head = self.head(embeddings)
         queue_in_use = self.loss.queue is not None and self.loss.queue.in_use()
         loss = self.loss(embeddings, scores_per_head, self.head.prototype_weights(), batch_size)
