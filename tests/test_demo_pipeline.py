@@ -10,6 +10,7 @@ import sys
 import paddle
 import pytest
 
+from passl.config import load_config
 from passl.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,10 +77,13 @@ def test_second_run_reuses_resumes_or_refuses_with_the_way_out(tmp_path):
                                 f"again, or --output-dir NEW_DIR")
 
 
-def test_methods_are_a_table_of_pretraining_configs():
+def test_methods_are_a_table_of_pretraining_configs_of_the_evaluated_backbone():
     demo = load_run_demo()
-    assert demo.METHODS == {"swav": os.path.join(ROOT, "configs", "swav",
-                                                 "swav_r18_digits.yaml")}
+    assert set(demo.METHODS) == {"swav", "deepclusterv2"}
+    evaluated = load_config(demo.CLAS_CFG).model.backbone.to_dict()
+    for method, config in demo.METHODS.items():
+        assert load_config(config).model.backbone.to_dict() == evaluated, method
+    assert demo.parse_args([]).methods == ["swav", "deepclusterv2"]
     assert demo.parse_args(["--methods", "swav"]).methods == ["swav"]
     assert demo.parse_args(["--archive-old-run"]).fresh  # train.py's word for it works too
     assert demo.PICTURED in demo.METHODS

@@ -37,6 +37,7 @@ CONFIGS = os.path.join(ROOT, "configs")
 #: Every config must pretrain the backbone of CLAS_CFG.
 METHODS = {
     "swav": os.path.join(CONFIGS, "swav", "swav_r18_digits.yaml"),
+    "deepclusterv2": os.path.join(CONFIGS, "deepclusterv2", "deepclusterv2_r18_digits.yaml"),
 }
 #: The method whose run tools/visualize.py draws (prototype gallery, usage, feature maps).
 PICTURED = "swav"
