@@ -1,0 +1,52 @@
+"""benchmarks/onednn_probe.py: its error measures, and the one oneDNN route that is exact."""
+import numpy as np
+import paddle
+import paddle.nn as nn
+import pytest
+
+from benchmarks.onednn_probe import OneDNNConvGradient, relative_errors
+
+needs_onednn = pytest.mark.skipif(not paddle.base.core.is_compiled_with_mkldnn(),
+                                  reason="this Paddle build has no oneDNN kernels")
+
+
+def test_relative_errors_reports_the_worst_tensor_in_both_norms():
+    reference = [np.array([3.0, -4.0]), np.array([1.0, 0.0, 0.0, 0.0])]
+    outputs = [np.array([3.0, -4.0]) + [0.0, 0.5], np.array([1.0, 0.01, 0.0, 0.0])]
+    worst_max, worst_norm, worst = relative_errors(outputs, reference, ["a", "b"])
+    assert worst_max == pytest.approx(0.5 / 4.0)     # a: max |diff| / max |ref|
+    assert worst_norm == pytest.approx(0.5 / 5.0)    # a: ||diff|| / ||ref|| = 0.5 / 5
+    assert worst == "a"
+
+
+def test_a_flipped_relu_moves_the_max_error_but_hardly_the_norm_error():
+    """Why the probe reports both: one element routed the other way is O(1) in the max norm."""
+    reference = [np.ones(10000)]
+    flipped = [np.concatenate([[0.0], np.ones(9999)])]
+    worst_max, worst_norm, _ = relative_errors(flipped, reference, ["d input"])
+    assert worst_max == 1.0
+    assert worst_norm == pytest.approx(0.01)
+
+
+@needs_onednn
+@pytest.mark.parametrize("stride, kernel", [(1, 3), (2, 1)])
+def test_onednn_convolution_gradients_equal_eager(stride, kernel):
+    paddle.seed(0)
+    conv = nn.Conv2D(16, 32, kernel, stride=stride, padding=kernel // 2, bias_attr=False)
+    rng = np.random.default_rng(0)
+    x_values = rng.standard_normal((2, 16, 12, 12)).astype("float32")
+    g = paddle.to_tensor(rng.standard_normal(conv(paddle.to_tensor(x_values)).shape)
+                         .astype("float32"))
+
+    def gradients(forward):
+        x = paddle.to_tensor(x_values, stop_gradient=False)
+        conv.weight.clear_gradient()
+        (forward(x) * g).sum().backward()
+        return x.grad.numpy(), conv.weight.grad.numpy()
+
+    eager = gradients(conv.forward)
+    onednn = gradients(OneDNNConvGradient(conv))
+    for ours, theirs in zip(onednn, eager):
+        assert np.linalg.norm(ours - theirs) <= 1e-5 * np.linalg.norm(theirs)
+        assert not np.array_equal(ours, np.zeros_like(ours))
+    assert not paddle.get_flags(["FLAGS_use_mkldnn"])["FLAGS_use_mkldnn"]  # switched back
