@@ -18,17 +18,21 @@ several *routes*, each on its own copy of the same weights:
     onednn-conv   per-operator: eager everywhere except each convolution's gradient, which
                   runs oneDNN's conv2d_grad in a small to_static program (OneDNNConvGradient)
 
-Errors are relative, over each output tensor (the forward output, the input gradient, each
-parameter gradient and each BatchNorm running statistic), the worst tensor reported: in the
-max norm (max |a - b| / max |b|) and in the 2-norm (||a - b|| / ||b||), against the same step
-in float64 (``err64``) and against eager float32 (``vs eager``, the adoption criterion:
-<= 1e-5). Eager float32's own ``err64`` says how far plain float32 rounding goes on the same
-step. Times are medians of ``--rounds`` rounds in
+Errors are relative, the worst tensor reported, in the max norm (max |a - b| / max |b|) and
+in the 2-norm (||a - b|| / ||b||), over the forward output, the input gradient and each
+parameter gradient, against the same step in float64 (``err64``) and against eager float32
+(``vs eager``, the adoption criterion: <= 1e-5); ``BN stats`` is the worst BatchNorm running
+mean/variance after the step, against eager's. Eager float32's own ``err64`` says how far
+plain float32 rounding goes on the same step. Times are medians of ``--rounds`` rounds in
 which the routes alternate (order reversed every other round), so background load hits them
 alike; GFLOP/s count convolutions only (multiply-add = 2 FLOPs, backward = 2 x forward).
 
-Each case runs in its own subprocess: a oneDNN kernel that aborts or crashes the process is
-reported as that route's failure instead of ending the probe. Nothing here asserts a time.
+Each case runs in its own subprocess. Every route is first tried alone (two steps, no
+timing): one that kills the process (segfault, abort) is reported as that route's failure.
+The survivors then run together, interleaved; if that process dies anyway (some oneDNN
+crashes are intermittent), each survivor is timed alone beside eager, marked ``alone`` in
+the JSON. Results and the conclusions: docs/benchmarks.md, "oneDNN for training". Nothing
+here asserts a time.
 """
 import argparse
 import json
