@@ -71,7 +71,13 @@ def parse_args(argv):
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--worker", choices=tuple(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for option, valid in (("cases", CASES), ("routes", ROUTES)):
+        unknown = [name for name in getattr(args, option).split(",") if name not in valid]
+        if unknown:
+            parser.error(f"--{option}: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(valid)}")
+    return args
 
 
 # ---------------------------------------------------------------------- one case, in a worker
