@@ -118,11 +118,11 @@ def _describe(obj):
 class _Machine:
     """The pickle virtual machine restricted as the module doc says."""
 
-    def __init__(self, file, size, vocabulary, encoding, persistent_load):
+    def __init__(self, file, size, vocabulary, encoding, persistent_load, budget):
         self.file, self.size, self.left = file, size, size
         self.vocabulary, self.encoding = vocabulary, encoding
         self.persistent_load = persistent_load
-        self.budget = budget_for(size)
+        self.budget = budget
         self.made = 0  # bytes of arrays made so far (see charge)
         self.stack, self.marks, self.memo = [], [], {}
         self.frozen, self.weight, self.depth = set(), {}, {}
@@ -160,8 +160,8 @@ class _Machine:
         """Count ``nbytes`` of array data made from the file against the budget."""
         self.made += nbytes
         if self.made > self.budget:
-            raise MalformedFileError(f"it describes more data ({self.made:,} bytes) than a file "
-                                     f"of {self.budget - SLACK:,} bytes holds")
+            raise MalformedFileError(f"it describes {self.made:,} bytes of data, more than the "
+                                     f"{self.budget:,} a file of its size may make")
 
     def _weight(self, obj):
         return self.weight.get(id(obj), getattr(obj, "weight", 1))
@@ -533,8 +533,13 @@ def _check_key(key):
 _define_opcodes()
 
 
-def restricted_load(file, size, vocabulary, encoding="latin1", persistent_load=None):
+def restricted_load(file, size, vocabulary, encoding="latin1", persistent_load=None,
+                    budget=None):
     """Read one pickle from ``file`` (at most ``size`` bytes) with the vocabulary given.
+
+    ``budget``: what the pickle may make (see the module doc), by default
+    :func:`budget_for` ``size``; a format whose pickle is part of a larger file passes that
+    file's.
 
     Returns the unpickled object, in which every :class:`Pending` object is replaced by its
     value. Leaves the file positioned right after the pickle's STOP.
@@ -542,7 +547,8 @@ def restricted_load(file, size, vocabulary, encoding="latin1", persistent_load=N
     Raises:
         UnsafeFileError, MalformedFileError, TruncatedFileError: one line without the file's name.
     """
-    machine = _Machine(file, size, vocabulary, encoding, persistent_load)
+    machine = _Machine(file, size, vocabulary, encoding, persistent_load,
+                       budget_for(size) if budget is None else budget)
     return finish(machine.run(), vocabulary.leaves)
 
 
