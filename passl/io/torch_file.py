@@ -335,8 +335,8 @@ def read_torch_file(path, what=None):
                 try:
                     obj = _read_zip(file, what, budget)
                 except ZIP_ERRORS as error:
-                    raise UserError(f"{what}: truncated or not a PyTorch checkpoint (zip: "
-                                    f"{type(error).__name__}); download it again") from None
+                    raise UserError(f"{what}: truncated or not a PyTorch checkpoint "
+                                    f"({type(error).__name__}); download it again") from None
             elif start[:1] == b"\x80":
                 obj = _read_legacy(file, size, what, budget)
             else:
