@@ -37,8 +37,9 @@ from paddle.framework.io import _ndarray_to_tensor, _pack_loaded_dict, _tuple_to
 
 from passl.errors import UserError
 from passl.io.input_file import open_regular_file
-from passl.io.safe_pickle import (Constructor, MalformedFileError, Pending, TruncatedFileError,
-                                  UnsafeFileError, Vocabulary, finish, restricted_load)
+from passl.io.safe_pickle import (Constructor, MalformedFileError, Marker, Pending,
+                                  TruncatedFileError, UnsafeFileError, Vocabulary, finish,
+                                  restricted_load)
 
 TRUST_FLAG = "--trust-file"
 # paddle.save writes this key into a pure state dict: {key: the Tensor's name}.
@@ -47,7 +48,7 @@ _NAME_TABLE = "StructuredToParameterName@@"
 _SPLIT_TABLE = "UnpackBigParamInfor@@"  # typos: disable-line
 #: The dtypes an array in a file may have (NumPy's names as pickled).
 NUMERIC_DTYPES = ("b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8")
-_NDARRAY = object()  # the global numpy.ndarray: only an argument of _reconstruct
+_NDARRAY = Marker("numpy.ndarray")  # only an argument of _reconstruct
 
 
 def _is(value, *choices):
@@ -220,7 +221,7 @@ def _generator_state(machine):
 
 
 def _paddle_save_globals():
-    """``{(module, name): Constructor or marker}``: every global ``paddle.save`` writes."""
+    """``{(module, name): Constructor or Marker}``: every global ``paddle.save`` writes."""
     allowed = {
         ("collections", "OrderedDict"): Constructor("collections.OrderedDict", _ordered_dict),
         ("builtins", "tuple"): Constructor("tuple", _tuple),  # a Tensor: tuple((name, array))
@@ -307,12 +308,35 @@ def _as_paddle_load_returns(obj):
             return _named_tensors(obj)
     if _contains_named_array(obj):  # Tensors saved as (name, array): only those convert
         def convert(x):
-            return _tuple_to_tensor(x, return_numpy=False) if _is_named_array(x) else None
+            return _tuple_to_tensor(x, return_numpy=False) \
+                if _is_named_array(x) and _fits_tensor(x[1]) else None
     else:
         def convert(x):
-            return _ndarray_to_tensor(x, return_numpy=False) if isinstance(x, np.ndarray) \
-                else None
+            return _ndarray_to_tensor(x, return_numpy=False) \
+                if isinstance(x, np.ndarray) and _fits_tensor(x) else None
     return finish(obj, PADDLE_SAVE.leaves, convert)
+
+
+def _fits_tensor(array):
+    """True, or the one-line error ``paddle.to_tensor`` would raise as a traceback."""
+    if array.dtype.str[1:] in ("u4", "u8"):
+        raise MalformedFileError(f"an array of dtype {array.dtype} where paddle.load makes a "
+                                 f"Tensor, which cannot hold it")
+    return True
+
+
+def check_state_dict(state, where):
+    """Raise a one-line UserError unless ``state`` is a ``{name: Tensor}`` state dict; ``where``
+    names it (e.g. ``"weights w.pdparams"``). What a model's ``set_state_dict`` can take."""
+    if not isinstance(state, dict):
+        raise UserError(f"{where}: expected a {{name: tensor}} state dict, found a "
+                        f"{type(state).__name__}")
+    wrong = [f"{name} ({type(value).__name__})" for name, value in state.items()
+             if not (isinstance(name, str) and isinstance(value, paddle.Tensor))]
+    if wrong:
+        raise UserError(f"{where}: a state dict holds tensors by name; these entries are not: "
+                        f"{', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}")
+    return state
 
 
 def _read(path, what):

@@ -11,8 +11,8 @@ therefore interprets the opcodes itself (:class:`_Machine`), and:
   ``OrderedDict`` s itself; ``SETITEM(S)``/``APPEND(S)`` act only on the lists and dicts it
   made, never on anything a global returned;
 - resolves a global only through the reader's :class:`Vocabulary`: a :class:`Constructor`
-  (``REDUCE``/``NEWOBJ`` call its Python function with checked arguments) or an inert marker
-  a constructor may take as an argument; ``BUILD`` reaches only a :class:`Pending` object such
+  (``REDUCE``/``NEWOBJ`` call its Python function with checked arguments) or an inert
+  :class:`Marker` a constructor may take as an argument; ``BUILD`` reaches only a :class:`Pending` object such
   a constructor returned (which checks the state itself) or an ``OrderedDict`` whose
   vocabulary accepts that state; anything else is refused with one line;
 - keeps the result a tree of bounded size: a container is frozen once placed inside another
@@ -69,6 +69,14 @@ class Constructor:
         self.name, self.call, self.new = name, call, new
 
 
+class Marker:
+    """A global a file may name but not call: only a constructor takes it as an argument
+    (``numpy.ndarray`` for ``_reconstruct``, PyTorch's storage types for a storage)."""
+
+    def __init__(self, name):
+        self.name = name
+
+
 class Pending:
     """An object under construction: a constructor returned it, ``BUILD`` completes it.
 
@@ -89,7 +97,7 @@ class Vocabulary:
     """What one file format may contain.
 
     Args:
-        globals: ``{(module, name): Constructor or marker}``.
+        globals: ``{(module, name): Constructor or Marker}``.
         ordered_dict_state: a function ``state -> None`` that accepts (or raises for) the
             state of a ``BUILD`` on an ``OrderedDict`` (PyTorch's ``_metadata``); None: refused.
         leaves: extra types (besides plain data) the result may hold.
@@ -110,7 +118,7 @@ class _Mark:
 
 
 def _describe(obj):
-    if isinstance(obj, Constructor):
+    if isinstance(obj, (Constructor, Marker)):
         return f"the global {obj.name}"
     return f"a {type(obj).__name__}"
 

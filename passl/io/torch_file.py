@@ -27,9 +27,9 @@ import numpy as np
 
 from passl.errors import UserError
 from passl.io.input_file import open_regular_file
-from passl.io.safe_pickle import (MAX_DEPTH, Constructor, MalformedFileError, TruncatedFileError,
-                                  UnsafeFileError, Vocabulary, budget_for, finish,
-                                  restricted_load)
+from passl.io.safe_pickle import (MAX_DEPTH, Constructor, MalformedFileError, Marker,
+                                  TruncatedFileError, UnsafeFileError, Vocabulary, budget_for,
+                                  finish, restricted_load)
 
 #: The first pickle of a legacy file (torch/serialization.py's MAGIC_NUMBER).
 LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
@@ -52,12 +52,13 @@ ZIP_MAGIC = b"PK\x03\x04"
 SMALL_ENTRY = 64
 
 
-class _StorageType:
+class _StorageType(Marker):
     """Stands in for ``torch.FloatStorage`` and friends: an inert marker naming a dtype; the
     file can neither call it nor ``BUILD`` on it."""
 
     def __init__(self, name):
-        self.name = name
+        super().__init__(f"torch.{name}")
+        self.storage_name = name
         self.dtype = STORAGE_DTYPES.get(name)
 
 
@@ -166,7 +167,7 @@ def _check_storage_type(storage_type, what):
         raise UserError(f"{what}: not a PyTorch checkpoint (a storage of type "
                         f"{type(storage_type).__name__})")
     if storage_type.dtype is None:
-        raise UserError(f"{what}: a {storage_type.name} tensor, which NumPy cannot hold; "
+        raise UserError(f"{what}: a {storage_type.storage_name} tensor, which NumPy cannot hold; "
                         f"convert it to float32 in PyTorch first (tensor.float())")
     return storage_type
 

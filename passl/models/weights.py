@@ -11,9 +11,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from passl.engine.checkpoint import KIND as CHECKPOINT_KIND, write_atomic
+from passl.engine.checkpoint import KIND as CHECKPOINT_KIND, is_training_checkpoint, write_atomic
 from passl.errors import UserError
-from passl.io.paddle_file import load_paddle_file
+from passl.io.paddle_file import check_state_dict, load_paddle_file
 from passl.io.safe_write import reporting_write_errors
 from passl.utils.logger import get_logger
 
@@ -46,9 +46,10 @@ def read_checkpoint(path, trust=False):
         raise UserError(f"checkpoint {path}: not a training checkpoint (no 'model' state dict; "
                         f"weights files are already extracted); pass "
                         f"OUTPUT_DIR/checkpoints/epoch_N.pd or latest.pd of a training run")
-    if checkpoint.get("kind", CHECKPOINT_KIND) != CHECKPOINT_KIND:
-        raise UserError(f"checkpoint {path}: kind {checkpoint['kind']!r}, expected "
+    if "kind" in checkpoint and not is_training_checkpoint(checkpoint):
+        raise UserError(f"checkpoint {path}: kind {checkpoint['kind']!r:.60}, expected "
                         f"{CHECKPOINT_KIND!r}")
+    check_state_dict(checkpoint["model"], f"checkpoint {path}: 'model'")
     return checkpoint
 
 
@@ -94,7 +95,7 @@ def read_weights(path, trust=False):
                         f"--output backbone{WEIGHTS_SUFFIX} --remove-prefix")
     if not isinstance(weights, dict) or not weights:
         raise UserError(f"weights {path}: expected a non-empty {{name: tensor}} state dict")
-    return weights
+    return check_state_dict(weights, f"weights {path}")
 
 
 def _strip_backbone_prefix(weights, expected):
