@@ -67,39 +67,65 @@ def _receive_all(fd, pid, deadline):
     return messages, killed
 
 
-def _child(calls, start, fd, memory):
+def _limit_memory(memory):
     limit = _address_space() + memory
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    for index in range(start, len(calls)):
-        _send(fd, ("start", index))
-        kind, value = outcome(calls[index])
+
+
+def in_child(function, memory=DEFAULT_MEMORY, timeout=600):
+    """Run ``function(send)`` in a forked child; ``send(obj)`` passes a picklable message to
+    the parent. Returns ``(messages, end)``: ``end`` is None when the function returned, else
+    ``'timeout'``, ``'signal N'``, or ``'exception: ...'`` / ``'exit N'``."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        os.close(read_fd)
+        code = 0
         try:
-            _send(fd, ("done", index, kind, value))
-        except Exception as error:  # a value that does not pickle is the test's bug
-            _send(fd, ("done", index, "exception", f"unpicklable result: {error}"))
+            _limit_memory(memory)
+            function(lambda obj: _send(write_fd, obj))
+        except BaseException as error:  # noqa: B902 - reported to the parent
+            try:
+                _send(write_fd, ("__child_exception__", f"{type(error).__name__}: {error}"))
+            finally:
+                code = 3
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    messages, killed = _receive_all(read_fd, pid, time.monotonic() + timeout)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    failure = [m[1] for m in messages if isinstance(m, tuple) and m[:1] == ("__child_exception__",)]
+    messages = [m for m in messages if not (isinstance(m, tuple)
+                                            and m[:1] == ("__child_exception__",))]
+    if killed:
+        return messages, "timeout"
+    if os.WIFSIGNALED(status):
+        return messages, f"signal {os.WTERMSIG(status)}"
+    if failure:
+        return messages, f"exception: {failure[0]}"
+    code = os.WEXITSTATUS(status)
+    return messages, None if code == 0 else f"exit {code}"
 
 
 def run_calls(calls, memory=DEFAULT_MEMORY, timeout=600):
     """Outcomes of ``calls`` (functions without arguments), each ``(kind, value)`` as
-    :func:`outcome` gives, or ``('crash', 'signal N'/'exit N'/'timeout')`` for the call a
-    child died in."""
+    :func:`outcome` gives, or ``('crash', 'signal N'/'timeout'/...)`` for the call a child
+    died in; the calls after it continue in a new child."""
     results, start, deadline = [None] * len(calls), 0, time.monotonic() + timeout
-    while start < len(calls):
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into pytest
-            os.close(read_fd)
-            code = 0
+
+    def child(first, send):
+        for index in range(first, len(calls)):
+            send(("start", index))
+            kind, value = outcome(calls[index])
             try:
-                _child(calls, start, write_fd, memory)
-            except BaseException:  # noqa: B902
-                code = 3
-            finally:
-                os._exit(code)
-        os.close(write_fd)
-        messages, killed = _receive_all(read_fd, pid, deadline)
-        os.close(read_fd)
-        _, status = os.waitpid(pid, 0)
+                send(("done", index, kind, value))
+            except Exception as error:  # a result that does not pickle is the test's bug
+                send(("done", index, "exception", f"unpicklable result: {error}"))
+
+    while start < len(calls):
+        messages, end = in_child(lambda send: child(start, send), memory,
+                                 max(1.0, deadline - time.monotonic()))
         last = start
         for message in messages:
             if message[0] == "start":
@@ -107,9 +133,7 @@ def run_calls(calls, memory=DEFAULT_MEMORY, timeout=600):
             else:
                 results[message[1]] = (message[2], message[3])
         if results[last] is None:
-            results[last] = ("crash", "timeout" if killed else
-                             f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-                             else f"exit {os.WEXITSTATUS(status)}")
+            results[last] = ("crash", end)
         start = next((i for i in range(last, len(calls)) if results[i] is None), len(calls))
     return results
 

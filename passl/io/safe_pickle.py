@@ -40,6 +40,8 @@ MAX_MEMO = 1_000_000
 SLACK = 1 << 20
 #: The longest integer (in bytes) a file may hold: a random state needs 8.
 MAX_INT_BYTES = 64
+#: Bytes read from the file at a time for opcodes and small values.
+_CHUNK = 1 << 16
 
 
 def budget_for(size):
@@ -67,6 +69,15 @@ class Constructor:
 
     def __init__(self, name, call=None, new=None):
         self.name, self.call, self.new = name, call, new
+        self.arity = {how: _arity(function) for how, function in (("call", call), ("new", new))
+                      if function is not None}
+
+
+def _arity(function):
+    """``(least, most)`` arguments a constructor function takes after the machine."""
+    parameters = list(inspect.signature(function).parameters.values())[1:]
+    required = [p for p in parameters if p.default is inspect.Parameter.empty]
+    return len(required), len(parameters)
 
 
 class Marker:
@@ -128,6 +139,8 @@ class _Machine:
 
     def __init__(self, file, size, vocabulary, encoding, persistent_load, budget):
         self.file, self.size, self.left = file, size, size
+        self.start, self.fetched = file.tell(), 0  # bytes taken from the file into ``buffer``
+        self.buffer, self.position = b"", 0
         self.vocabulary, self.encoding = vocabulary, encoding
         self.persistent_load = persistent_load
         self.budget = budget
@@ -143,11 +156,27 @@ class _Machine:
             raise MalformedFileError(f"a negative length ({n})")
         if n > self.left:
             raise TruncatedFileError(f"a value of {n} bytes where {self.left} are left")
-        data = self.file.read(n)
-        if len(data) != n:
-            raise TruncatedFileError("the file ends early")
+        end = self.position + n
+        if end <= len(self.buffer):
+            data = self.buffer[self.position:end]
+            self.position = end
+        else:  # refill: small reads come from chunks, a large value is read as one piece
+            rest = self.buffer[self.position:]
+            need = n - len(rest)
+            more = self.file.read(need if need >= _CHUNK else min(_CHUNK, self.size - self.fetched))
+            self.fetched += len(more)
+            if len(more) < need:
+                raise TruncatedFileError("the file ends early")
+            if need >= _CHUNK:
+                data, self.buffer, self.position = rest + more, b"", 0
+            else:
+                data, self.buffer, self.position = rest + more[:need], more, need
         self.left -= n
         return data
+
+    def release(self):
+        """Leave the file right after the bytes the pickle used (the next part follows)."""
+        self.file.seek(self.start + self.size - self.left)
 
     def read_line(self):
         line = bytearray()
@@ -160,7 +189,8 @@ class _Machine:
                 raise MalformedFileError("a text field longer than 1000 bytes")
 
     def unpack(self, fmt):
-        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+        layout = _STRUCTS.get(fmt) or _STRUCTS.setdefault(fmt, struct.Struct(fmt))
+        return layout.unpack(self.read(layout.size))[0]
 
     # ------------------------------------------------------------ values and their size
 
@@ -276,13 +306,11 @@ class _Machine:
         if type(args) is not tuple:
             raise MalformedFileError(f"{func.name} called with {_describe(args)} as arguments")
         self.use(args)
-        function = getattr(func, how)
-        try:
-            inspect.signature(function).bind(self, *args)
-        except TypeError:
+        least, most = func.arity[how]
+        if not least <= len(args) <= most:
             raise MalformedFileError(f"{func.name} called with {len(args)} arguments, which "
-                                     f"it does not take") from None
-        result = function(self, *args)
+                                     f"it does not take")
+        result = getattr(func, how)(self, *args)
         if isinstance(result, _CONTAINERS):
             return self.container(result)
         if isinstance(result, tuple):
@@ -304,9 +332,15 @@ class _Machine:
     # ------------------------------------------------------------ the loop
 
     def run(self):
+        opcodes = _OPCODES
         while True:
-            code = self.read(1)
-            handler = _OPCODES.get(code)
+            position = self.position
+            if position < len(self.buffer) and self.left:  # the common case, inlined
+                code = self.buffer[position:position + 1]
+                self.position, self.left = position + 1, self.left - 1
+            else:
+                code = self.read(1)
+            handler = opcodes.get(code)
             if handler is None:
                 _refuse_opcode(code, self.size - self.left - 1)
             if handler(self) is _STOP:
@@ -317,6 +351,7 @@ class _Machine:
 
 
 _STOP = object()
+_STRUCTS = {}
 
 
 def _op(*codes):
@@ -557,7 +592,9 @@ def restricted_load(file, size, vocabulary, encoding="latin1", persistent_load=N
     """
     machine = _Machine(file, size, vocabulary, encoding, persistent_load,
                        budget_for(size) if budget is None else budget)
-    return finish(machine.run(), vocabulary.leaves)
+    result = machine.run()
+    machine.release()
+    return finish(result, vocabulary.leaves)
 
 
 def finish(obj, leaves=(), convert=None):
