@@ -24,7 +24,8 @@ setup(
     packages=find_packages(include=["passl", "passl.*"]),
     install_requires=requirements(),
     extras_require={
-        "dev": ["pytest>=7.0", "scipy>=1.10", "matplotlib>=3.7"],  # the tests plot too
+        # the tests plot too, and fuzz the file readers with hypothesis
+        "dev": ["pytest>=7.0", "scipy>=1.10", "matplotlib>=3.7", "hypothesis>=6.0"],
         "plot": ["matplotlib>=3.7"],
         "visualdl": ["visualdl>=2.5"],
     },

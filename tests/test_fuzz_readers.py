@@ -33,6 +33,7 @@ from passl.config import load_config
 from passl.engine import checkpoint
 from passl.engine.trainer import Trainer
 from passl.io.torch_file import read_torch_file
+from passl.models.torch_weights import map_torch_state, read_torch_states
 from passl.models.weights import read_weights
 from toy_training import toy_config, write_config
 
@@ -44,18 +45,20 @@ READERS = {
     "weights": lambda path: len(read_weights(path)),
     "checkpoint": lambda path: len(checkpoint.load_checkpoint(path)),
     "torch": lambda path: len(read_torch_file(path)),
+    "torch state dict": lambda path: len(map_torch_state(read_torch_states([path]), "swav")[0]),
 }
 OPCODES = sorted({op.code.encode("latin1") for op in pickletools.opcodes})
 #: Operand values that probe sizes, signs and offsets.
 INTERESTING = (0, 1, 2, 7, 8, 255, 256, 2 ** 15, 2 ** 16 - 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1,
                2 ** 62, 2 ** 63 - 1, -1, -2 ** 31)
 #: Zip header fields: (signature, offset, struct format) of local and central records.
-ZIP_FIELDS = [(b"PK\x03\x04", offset, fmt) for offset, fmt in
-              ((6, "<H"), (8, "<H"), (14, "<I"), (18, "<I"), (22, "<I"), (26, "<H"), (28, "<H"))] + \
-             [(b"PK\x01\x02", offset, fmt) for offset, fmt in
-              ((8, "<H"), (10, "<H"), (16, "<I"), (20, "<I"), (24, "<I"), (28, "<H"), (30, "<H"),
-               (42, "<I"))] + [(b"PK\x05\x06", offset, fmt) for offset, fmt in
-                               ((10, "<H"), (12, "<I"), (16, "<I"))]
+ZIP_FIELDS = [(signature, offset, fmt) for signature, fields in (
+    (b"PK\x03\x04", ((6, "<H"), (8, "<H"), (14, "<I"), (18, "<I"), (22, "<I"), (26, "<H"),
+                     (28, "<H"))),  # local header: flags, method, crc, sizes, name/extra length
+    (b"PK\x01\x02", ((8, "<H"), (10, "<H"), (16, "<I"), (20, "<I"), (24, "<I"), (28, "<H"),
+                     (30, "<H"), (42, "<I"))),  # central record: the same and the local offset
+    (b"PK\x05\x06", ((10, "<H"), (12, "<I"), (16, "<I"))),  # end: entries, directory size/offset
+) for offset, fmt in fields]
 DEFAULT_CASES, SLOW_CASES = int(os.environ.get("PASSL_FUZZ_CASES", 2000)), 20000
 CASES_PER_WORKER = 500
 SCRATCH = "/dev/shm"  # the cases' files: a memory file system where there is one
@@ -81,9 +84,9 @@ def seed_files(directory):
         stream = io.BytesIO()
         paddle.save(obj, stream, protocol=protocol)
         seeds[name] = ("weights", stream.getvalue())
-    for name in TORCH_SEEDS:
+    for name in TORCH_SEEDS:  # the SwAV files as tools/convert_weights.py reads them
         with open(os.path.join(FIXTURES, name), "rb") as f:
-            seeds[name] = ("torch", f.read())
+            seeds[name] = ("torch state dict" if "swav" in name else "torch", f.read())
     return seeds
 
 

@@ -21,7 +21,7 @@ from hostile_pickles import (array, dct, dtype, edit_zip_entry, generator_state,
 from isolated import run_call
 from passl.engine import checkpoint
 from passl.io.paddle_file import load_paddle_file
-from passl.io.torch_file import read_torch_file
+from passl.io.torch_file import read_torch_file, torch_state_dict
 from passl.models.weights import read_weights
 
 FLOATS = dtype("f4")
@@ -172,7 +172,8 @@ def test_many_views_of_one_storage_cannot_multiply_it(tmp_path):
     views = b"".join(text(f"v{i}") + tensor(storage("FloatStorage", "0", numel), 0, (numel,),
                                              (1,)) for i in range(4000))
     obj = P.EMPTY_DICT + P.MARK + views + P.SETITEMS
-    path = write(tmp_path, "views.pth", legacy_file(program(obj), [("0", numel, b"\0" * 4 * numel)]))
+    path = write(tmp_path, "views.pth",
+                 legacy_file(program(obj), [("0", numel, b"\0" * 4 * numel)]))
     assert_refused(torch_result(path), "bytes of data, more than the")
 
 
@@ -236,6 +237,14 @@ def test_a_huge_legacy_element_count_is_one_line(tmp_path):
     path = write(tmp_path, "count.pth", legacy_file(program(obj), [("0", 2 ** 62, b"\0" * 16)]))
     assert_refused(torch_result(path), "storage 0 holds 4611686018427387904 elements, the "
                                        "object says 4")
+
+
+def test_a_torch_state_dict_with_a_number_for_a_name_is_one_line(tmp_path):
+    obj = program(P.EMPTY_DICT + num(0) + tensor(storage("FloatStorage", "0", 4), 0, (4,), (1,))
+                  + P.SETITEM)
+    path = write(tmp_path, "int_key.pth", zip_file(obj, {"0": b"\0" * 16}))
+    assert_refused(run_call(lambda: sorted(torch_state_dict(read_torch_file(path), path))),
+                   "the state dict holds non-tensor entries (0)")
 
 
 def test_a_structured_array_as_pretrained_weights_is_one_line(tmp_path):

@@ -12,9 +12,9 @@ therefore interprets the opcodes itself (:class:`_Machine`), and:
   made, never on anything a global returned;
 - resolves a global only through the reader's :class:`Vocabulary`: a :class:`Constructor`
   (``REDUCE``/``NEWOBJ`` call its Python function with checked arguments) or an inert
-  :class:`Marker` a constructor may take as an argument; ``BUILD`` reaches only a :class:`Pending` object such
-  a constructor returned (which checks the state itself) or an ``OrderedDict`` whose
-  vocabulary accepts that state; anything else is refused with one line;
+  :class:`Marker` a constructor may take as an argument; ``BUILD`` reaches only a
+  :class:`Pending` object such a constructor returned (which checks the state itself) or an
+  ``OrderedDict`` whose vocabulary accepts that state; anything else is refused with one line;
 - keeps the result a tree of bounded size: a container is frozen once placed inside another
   (so no cycles), nesting is at most :data:`MAX_DEPTH`, and the size of the result counted
   with every shared reference expanded (arrays by their bytes, anything else as 1) stays

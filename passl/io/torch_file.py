@@ -368,7 +368,8 @@ def torch_state_dict(obj, what):
         raise UserError(f"{what}: no state dict in this PyTorch file (holds a "
                         f"{type(obj).__name__}); expected {{name: tensor}}, possibly under "
                         f"'state_dict' or 'model'")
-    not_tensors = [str(name) for name, value in obj.items() if not isinstance(value, np.ndarray)]
+    not_tensors = [str(name) for name, value in obj.items()
+                   if not (isinstance(name, str) and isinstance(value, np.ndarray))]
     if not_tensors:
         raise UserError(f"{what}: the state dict holds non-tensor entries "
                         f"({', '.join(not_tensors[:3])}); expected {{name: tensor}}")
