@@ -308,9 +308,10 @@ def _read_zip(file, what, budget):
     return obj
 
 
-#: What the zip module raises for archives it cannot read (broken, or features it lacks).
+#: What the zip module raises for archives it cannot read (broken, or features it lacks;
+#: OSError: a seek to the negative offset a damaged header gives).
 ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, struct.error, NotImplementedError,
-              RuntimeError, ValueError, OverflowError)
+              RuntimeError, ValueError, OverflowError, OSError)
 
 
 def read_torch_file(path, what=None):
