@@ -216,6 +216,13 @@ def test_zip_features_pytorch_never_uses_are_named(tmp_path, edit, message):
     assert_refused(torch_result(path), message)
 
 
+def test_a_global_whose_name_holds_a_newline_is_named_on_one_line(tmp_path):
+    """Found by the fuzzer: STACK_GLOBAL takes its names from strings, which may hold anything."""
+    ops = text("numpy.core.multiarray") + text("_recon\nstruct") + P.STACK_GLOBAL
+    path = write(tmp_path, "newline.pdparams", program(dct(w=ops)))
+    assert_refused(paddle_result(path), "the global numpy.core.multiarray._recon\\nstruct")
+
+
 def test_a_negative_tensor_size_is_one_line(tmp_path):
     obj = program(dct(w=tensor(storage("FloatStorage", "0", 4), 0, (-1,), (1,))))
     path = write(tmp_path, "negative.pth", zip_file(obj, {"0": b"\0" * 16}))

@@ -39,7 +39,7 @@ from passl.errors import UserError
 from passl.io.input_file import open_regular_file
 from passl.io.safe_pickle import (Constructor, MalformedFileError, Marker, Pending,
                                   TruncatedFileError, UnsafeFileError, Vocabulary, finish,
-                                  restricted_load)
+                                  printable, restricted_load)
 
 TRUST_FLAG = "--trust-file"
 # paddle.save writes this key into a pure state dict: {key: the Tensor's name}.
@@ -331,7 +331,7 @@ def check_state_dict(state, where):
     if not isinstance(state, dict):
         raise UserError(f"{where}: expected a {{name: tensor}} state dict, found a "
                         f"{type(state).__name__}")
-    wrong = [f"{name} ({type(value).__name__})" for name, value in state.items()
+    wrong = [f"{printable(name)} ({type(value).__name__})" for name, value in state.items()
              if not (isinstance(name, str) and isinstance(value, paddle.Tensor))]
     if wrong:
         raise UserError(f"{where}: a state dict holds tensors by name; these entries are not: "

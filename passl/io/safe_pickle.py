@@ -44,6 +44,13 @@ MAX_INT_BYTES = 64
 _CHUNK = 1 << 16
 
 
+def printable(text, limit=80):
+    """``text`` (a name from a file) fit for a one-line message: control characters escaped,
+    at most ``limit`` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def budget_for(size):
     """Bytes (and objects) a file of ``size`` bytes may make: its size plus :data:`SLACK`."""
     return size + SLACK
@@ -296,8 +303,9 @@ class _Machine:
         try:
             return self.vocabulary.globals[(module, name)]
         except KeyError:
-            raise UnsafeFileError(f"the file asks for the global {module}.{name}, which a "
-                                  f"weights file does not need (it could run code)") from None
+            raise UnsafeFileError(f"the file asks for the global {printable(module)}."
+                                  f"{printable(name)}, which a weights file does not need (it "
+                                  f"could run code)") from None
 
     def call(self, func, args, how):
         if not isinstance(func, Constructor) or getattr(func, how) is None:

@@ -29,7 +29,7 @@ from passl.errors import UserError
 from passl.io.input_file import open_regular_file
 from passl.io.safe_pickle import (MAX_DEPTH, Constructor, MalformedFileError, Marker,
                                   TruncatedFileError, UnsafeFileError, Vocabulary, budget_for,
-                                  finish, restricted_load)
+                                  finish, printable, restricted_load)
 
 #: The first pickle of a legacy file (torch/serialization.py's MAGIC_NUMBER).
 LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
@@ -199,7 +199,7 @@ class _PersistentStorages:
             self.by_key[key] = _Storage(storage_type.dtype, numel)
         root = self.by_key[key]
         if not isinstance(root, _Storage) or root.dtype != storage_type.dtype:
-            raise MalformedFileError(f"storage {key} named twice with different types")
+            raise MalformedFileError(f"storage {printable(key)} named twice with different types")
         view = pid[5] if len(pid) > 5 else None
         if view is None:
             return root
@@ -211,7 +211,7 @@ class _PersistentStorages:
         if view_key not in self.by_key:
             self.by_key[view_key] = _StorageView(root, offset, view_numel)
         if not isinstance(self.by_key[view_key], _StorageView):
-            raise MalformedFileError(f"storage {view_key} is both a storage and a view")
+            raise MalformedFileError(f"storage {printable(view_key)} is both a storage and a view")
         return self.by_key[view_key]
 
 
@@ -248,9 +248,10 @@ def _read_legacy(file, size, what, budget):
         count = file.read(8)
         if len(count) < 8:
             raise TruncatedFileError("the file ends inside the storages")
-        if struct.unpack("<q", count)[0] != storage.numel:
-            raise MalformedFileError(f"storage {key} holds {struct.unpack('<q', count)[0]} "
-                                     f"elements, the object says {storage.numel}")
+        listed = struct.unpack("<q", count)[0]
+        if listed != storage.numel:
+            raise MalformedFileError(f"storage {printable(key)} holds {listed} elements, the "
+                                     f"object says {storage.numel}")
         nbytes = storage.numel * storage.dtype.itemsize
         if nbytes > _remaining(file, size):
             raise TruncatedFileError("the file ends inside the storages")
@@ -265,18 +266,18 @@ def _entry(archive, name, what, limit):
     try:
         info = archive.getinfo(name)
     except KeyError:
-        raise UserError(f"{what}: corrupt PyTorch checkpoint (no entry {name}); download it "
-                        f"again") from None
+        raise UserError(f"{what}: corrupt PyTorch checkpoint (no entry {printable(name)}); "
+                        f"download it again") from None
+    label = f"the zip entry {printable(name)}"
     if info.flag_bits & 0x1:
-        raise UserError(f"{what}: the zip entry {name} is encrypted, which PyTorch never "
-                        f"writes; decrypt the archive first")
+        raise UserError(f"{what}: {label} is encrypted, which PyTorch never writes; decrypt "
+                        f"the archive first")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise UserError(f"{what}: the zip entry {name} uses compression method "
-                        f"{info.compress_type}, which PyTorch never writes; re-save the file "
-                        f"with torch.save")
+        raise UserError(f"{what}: {label} uses compression method {info.compress_type}, which "
+                        f"PyTorch never writes; re-save the file with torch.save")
     if info.file_size > limit:
-        raise MalformedFileError(f"the zip entry {name} holds {info.file_size:,} bytes, more "
-                                 f"than the {limit:,} it may")
+        raise MalformedFileError(f"{label} holds {info.file_size:,} bytes, more than the "
+                                 f"{limit:,} it may")
     with archive.open(info) as entry:
         return entry.read(limit)
 
@@ -301,7 +302,8 @@ def _read_zip(file, what, budget):
             nbytes = storage.numel * storage.dtype.itemsize
             data = _entry(archive, f"{root}data/{key}", what, nbytes)
             if len(data) < nbytes:
-                raise TruncatedFileError(f"storage {key} has {len(data)} of its {nbytes} bytes")
+                raise TruncatedFileError(f"storage {printable(key)} has {len(data)} of its "
+                                         f"{nbytes} bytes")
             storage.array = np.frombuffer(data, dtype=storage.dtype.newbyteorder(order),
                                           count=storage.numel).astype(storage.dtype,
                                                                       copy=False)
@@ -369,7 +371,7 @@ def torch_state_dict(obj, what):
         raise UserError(f"{what}: no state dict in this PyTorch file (holds a "
                         f"{type(obj).__name__}); expected {{name: tensor}}, possibly under "
                         f"'state_dict' or 'model'")
-    not_tensors = [str(name) for name, value in obj.items()
+    not_tensors = [printable(name) for name, value in obj.items()
                    if not (isinstance(name, str) and isinstance(value, np.ndarray))]
     if not_tensors:
         raise UserError(f"{what}: the state dict holds non-tensor entries "

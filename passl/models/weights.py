@@ -14,6 +14,7 @@ import numpy as np
 from passl.engine.checkpoint import KIND as CHECKPOINT_KIND, is_training_checkpoint, write_atomic
 from passl.errors import UserError
 from passl.io.paddle_file import check_state_dict, load_paddle_file
+from passl.io.safe_pickle import printable
 from passl.io.safe_write import reporting_write_errors
 from passl.utils.logger import get_logger
 
@@ -26,7 +27,7 @@ SHOWN_NAMES = 3
 def names_preview(keys):
     """The first names of ``keys`` for a message, then "..." when there are more."""
     keys = list(keys)
-    shown = ", ".join(keys[:SHOWN_NAMES])
+    shown = ", ".join(printable(key, 200) for key in keys[:SHOWN_NAMES])  # names from a file
     return shown + (", ..." if len(keys) > SHOWN_NAMES else "")
 
 
