@@ -186,17 +186,19 @@ def resumed_step_gap(cfg, place):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "epoch_1.pd")
         checkpoint.write_atomic({"kind": checkpoint.KIND, "version": checkpoint.VERSION,
-                                 "model": model.state_dict(),
+                                 "epoch": 1, "iter": 1, "model": model.state_dict(),
                                  "optimizer": checkpoint.optimizer_state(optimizer, model),
-                                 "amp_scaler": amp.state_dict(), "rng": checkpoint.rng_state()},
+                                 "lr_scheduler": {}, "amp_scaler": amp.state_dict(),
+                                 "world_size": 1,
+                                 "per_rank": [{"hooks": {}, "rng": checkpoint.rng_state()}]},
                                 path)
-        state = checkpoint.load_checkpoint(path)
+        state = checkpoint.load_checkpoint(path)  # as --resume reads it, checks included
     resumed, resumed_optimizer, resumed_amp, resumed_step = tiny_run(cfg, device)
     resumed.set_state_dict(state["model"])
     checkpoint.load_optimizer_state(resumed_optimizer, resumed, state["optimizer"])
     resumed_amp.set_state_dict(state["amp_scaler"])
     step(tiny_batch(1))
-    checkpoint.set_rng_state(state["rng"])
+    checkpoint.set_rng_state(state["per_rank"][0]["rng"])
     resumed_step(tiny_batch(1))
     return max(float(np.abs(a.numpy() - b.numpy()).max())
                for a, b in zip(model.parameters(), resumed.parameters()))
