@@ -44,6 +44,7 @@ from passl import distributed
 from passl.engine import world_change
 from passl.errors import UserError
 from passl.io.paddle_file import check_state_dict, load_paddle_file
+from passl.io.safe_pickle import printable
 from passl.io.safe_write import OutputWriteError, reporting_write_errors
 
 KIND = "passl-training-checkpoint"
@@ -135,13 +136,14 @@ def load_optimizer_state(optimizer, model, state):
         if not (isinstance(acc, str) and isinstance(per_param, dict)
                 and all(isinstance(path, str) and isinstance(value, (np.ndarray, paddle.Tensor))
                         for path, value in per_param.items())):
-            raise UserError(f"checkpoint optimizer state {acc!r:.40} is not {{parameter path: "
-                            f"array}}; resume from another checkpoint")
+            raise UserError(f"checkpoint optimizer state {printable(acc)} is not {{parameter "
+                            f"path: array}}; resume from another checkpoint")
     paths = sorted({path for per_param in state.values() for path in per_param})
     unknown = [path for path in paths if path not in params]
     if unknown:
         raise UserError(f"checkpoint optimizer state names parameters this model does not have "
-                        f"({', '.join(unknown[:3])}); resume with the config it was trained with")
+                        f"({', '.join(map(printable, unknown[:3]))}); resume with the config it "
+                        f"was trained with")
     block = paddle.static.default_main_program().global_block()
     optimizer._create_accumulators(block, [params[path] for path in paths])
     for acc, per_param in state.items():
@@ -152,7 +154,7 @@ def load_optimizer_state(optimizer, model, state):
         for path, value in per_param.items():
             target = optimizer._accumulators[acc][params[path].name]
             if list(value.shape) != list(target.shape):
-                raise UserError(f"checkpoint optimizer state {acc} of {path} has shape "
+                raise UserError(f"checkpoint optimizer state {printable(acc)} of {path} has shape "
                                 f"{list(value.shape)}, the parameter needs {list(target.shape)}; "
                                 f"resume from another checkpoint")
             target.set_value(value)
@@ -322,10 +324,10 @@ _RESUMED_IF_PRESENT = {
 def _check_resumable(state, where):
     """Every part of ``state`` that :func:`restore` uses is there and of its type, so a
     damaged checkpoint is one line here instead of a traceback later."""
-    for key, (check, expected) in _RESUMED.items():
-        if key not in state:
-            raise UserError(f"{where}: the checkpoint has no '{key}' (damaged, or not written "
-                            f"by tools/train.py); resume from another checkpoint")
+    missing = [key for key in _RESUMED if key not in state]
+    if missing:
+        raise UserError(f"{where}: the checkpoint has no '{missing[0]}' (damaged, or not "
+                        f"written by tools/train.py); resume from another checkpoint")
     for key, (check, expected) in {**_RESUMED, **_RESUMED_IF_PRESENT}.items():
         if key in state and not check(state[key]):
             raise UserError(f"{where}: the checkpoint's '{key}' is a "
