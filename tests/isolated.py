@@ -8,13 +8,19 @@ continue in a new child, and the killer is named.
 """
 import os
 import pickle
-import resource
 import select
 import signal
 import struct
+import sys
 import time
 
+import pytest
+
 from passl.errors import UserError
+
+#: For test modules that use this one: forking and /proc are Linux's.
+needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                 reason="forked workers with RLIMIT_AS need Linux")
 
 #: Address space a child may add to what it has when it starts.
 DEFAULT_MEMORY = 768 << 20
@@ -68,6 +74,7 @@ def _receive_all(fd, pid, deadline):
 
 
 def _limit_memory(memory):
+    import resource  # POSIX only: imported where it is used, so the module imports anywhere
     limit = _address_space() + memory
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 

@@ -28,7 +28,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 
-from isolated import in_child, outcome
+from isolated import in_child, needs_linux, outcome
 from passl.config import load_config
 from passl.engine import checkpoint
 from passl.engine.trainer import Trainer
@@ -37,6 +37,7 @@ from passl.models.torch_weights import map_torch_state, read_torch_states
 from passl.models.weights import read_weights
 from toy_training import toy_config, write_config
 
+pytestmark = needs_linux
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 TORCH_SEEDS = ("tensor_kinds_legacy.pth", "tensor_kinds_zip.pth", "linear_tiny_legacy.pth",
                "swav_tiny_legacy.pth", "swav_tiny_zip.pth")

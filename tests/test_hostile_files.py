@@ -18,12 +18,13 @@ import pytest
 from hostile_pickles import (array, dct, dtype, edit_zip_entry, generator_state, glob,
                              legacy_file, nested_lists, num, program, raw, storage, tensor, text,
                              tup, zip_file)
-from isolated import run_call
+from isolated import needs_linux, run_call
 from passl.engine import checkpoint
 from passl.io.paddle_file import load_paddle_file
 from passl.io.torch_file import read_torch_file, torch_state_dict
 from passl.models.weights import read_weights
 
+pytestmark = needs_linux
 FLOATS = dtype("f4")
 
 
