@@ -141,6 +141,22 @@ def test_only_containers_the_reader_made_take_items_or_state(tmp_path, name, ops
     assert_refused(paddle_result(path), message)
 
 
+def test_a_torch_state_dict_keeps_its_metadata_build_but_no_other(tmp_path):
+    """``model.state_dict()`` pickles its ``_metadata`` attribute with BUILD: accepted and
+    dropped; any other attribute would hide the dict's methods."""
+    def state_dict(attributes):
+        return (glob("collections", "OrderedDict") + P.EMPTY_TUPLE + P.REDUCE
+                + P.MARK + text("w") + tensor(storage("FloatStorage", "0", 2), 0, (2,), (1,))
+                + P.SETITEMS + attributes + P.BUILD)
+    floats = [("0", 2, np.array([1.5, -2], np.float32).tobytes())]
+    good = write(tmp_path, "metadata.pth", legacy_file(program(state_dict(
+        dct(_metadata=dct(**{"": dct(version=num(1))})))), floats))
+    assert read_torch_file(good)["w"].tolist() == [1.5, -2]
+    bad = write(tmp_path, "keys.pth", legacy_file(program(state_dict(dct(keys=num(1)))), floats))
+    assert_refused(torch_result(bad), "BUILD on an OrderedDict with attributes other than "
+                                      "_metadata")
+
+
 def test_build_on_a_torch_storage_type_is_refused(tmp_path):
     """BUILD on the storage type shared by every tensor of that type changed their dtype."""
     obj = (glob("torch", "FloatStorage") + dct(dtype=text("V8")) + P.BUILD + P.POP
