@@ -28,8 +28,9 @@ setup(
     packages=find_packages(include=["passl", "passl.*"]),
     install_requires=requirements(),
     extras_require={
-        # the tests plot, and run ONNX export/inference (~40 MB of wheels) so CI covers it
-        "dev": ["pytest>=7.0", "scipy>=1.10", "matplotlib>=3.7", *ONNX],
+        # the tests plot, fuzz the file readers with hypothesis, and run ONNX export/inference
+        # (~40 MB of wheels) so CI covers it
+        "dev": ["pytest>=7.0", "scipy>=1.10", "matplotlib>=3.7", "hypothesis>=6.0", *ONNX],
         "plot": ["matplotlib>=3.7"],
         "onnx": ONNX,
         "visualdl": ["visualdl>=2.5"],

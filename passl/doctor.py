@@ -208,11 +208,13 @@ def resumed_step_gap(cfg, place):
         path = os.path.join(tmp, "epoch_1.pd")
         with resuming("the checkpoint file"):
             checkpoint.write_atomic({"kind": checkpoint.KIND, "version": checkpoint.VERSION,
-                                     "model": model.state_dict(),
+                                     "epoch": 1, "iter": 1, "model": model.state_dict(),
                                      "optimizer": checkpoint.optimizer_state(optimizer, model),
-                                     "amp_scaler": amp.state_dict(),
-                                     "rng": checkpoint.rng_state()}, path)
-            state = checkpoint.load_checkpoint(path)
+                                     "lr_scheduler": {}, "amp_scaler": amp.state_dict(),
+                                     "world_size": 1,
+                                     "per_rank": [{"hooks": {}, "rng": checkpoint.rng_state()}]},
+                                    path)
+            state = checkpoint.load_checkpoint(path)  # as --resume reads it, checks included
     resumed, resumed_optimizer, resumed_amp, resumed_step = tiny_run(cfg, device)
     with resuming("the model"):
         resumed.set_state_dict(state["model"])
@@ -225,7 +227,7 @@ def resumed_step_gap(cfg, place):
         raise ResumeFailed(f"resuming {scaler} failed: {scaler_state(amp)} saved, "
                            f"{scaler_state(resumed_amp)} resumed")
     step(tiny_batch(1))
-    checkpoint.set_rng_state(state["rng"])
+    checkpoint.set_rng_state(state["per_rank"][0]["rng"])
     resumed_step(tiny_batch(1))
     return amp.describe(), max(float(np.abs(a.numpy() - b.numpy()).max())
                                for a, b in zip(model.parameters(), resumed.parameters()))

@@ -20,8 +20,11 @@ COMPARED = ("type", "epoch", "iter", "loss", "lr", "abs_out", "top1")
 
 
 def state(epoch):
-    return {"kind": checkpoint.KIND, "version": checkpoint.VERSION, "epoch": epoch,
-            "weights": paddle.full([3], float(epoch))}
+    """A checkpoint as small as a resumable one can be, marked by ``weights``."""
+    return {"kind": checkpoint.KIND, "version": checkpoint.VERSION, "epoch": epoch, "iter": 0,
+            "weights": paddle.full([3], float(epoch)), "model": {}, "optimizer": {},
+            "lr_scheduler": {}, "world_size": 1,
+            "per_rank": [{"hooks": {}, "rng": checkpoint.rng_state()}]}
 
 
 def test_crash_while_saving_keeps_the_previous_latest(tmp_path, monkeypatch):

@@ -50,16 +50,15 @@ def read_passl_v1(path, origin):
     """The PASSL v1 file ``path`` (:class:`passl.models.passl_v1.V1File`), or None when it is
     not one and ``origin`` allows another kind."""
     from passl.io.paddle_file import load_paddle_file
-    from passl.io.safe_pickle import UnsafeFileError
     from passl.models.passl_v1 import recognise
     try:
         v1 = recognise(load_paddle_file(path, "SRC"), path)
-    except UnsafeFileError:
-        raise
     except UserError as error:
         if origin == "passl-v1":
             raise UserError(f"{path}: not a PASSL v1 file ({error})") from None
-        return None  # not a pickle at all: a PyTorch zip archive (or no file: said below)
+        # not a paddle.save pickle: a PyTorch archive (its persistent ids are refused here),
+        # or no file; the PyTorch reader, as strict, says which
+        return None
     if v1 is None and origin == "passl-v1":
         raise UserError(f"{path}: not a PASSL v1 file (neither a checkpoint with a "
                         f"'state_dict' nor a model state dict with neck.projection_neck.*, "

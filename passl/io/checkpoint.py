@@ -46,7 +46,8 @@ import paddle
 
 from passl.errors import UserError
 from passl.io import foreign_layouts
-from passl.io.paddle_file import load_paddle_file
+from passl.io.paddle_file import check_state_dict, load_paddle_file
+from passl.io.safe_pickle import printable
 
 # The toolkit's logger, by name: passl.utils.logger (a layer above this one) configures it.
 _LOGGER = logging.getLogger("passl")
@@ -85,6 +86,30 @@ def rng_state():
     return state
 
 
+def check_rng_state(state, where):
+    """Raise a one-line UserError unless ``state`` is what :func:`rng_state` returns.
+
+    Python's and NumPy's states are tried on throwaway generators (both check every field);
+    Paddle's were checked as they were read (:mod:`passl.io.paddle_file`).
+    """
+    from paddle.base.core import GeneratorState
+    if not isinstance(state, dict):
+        raise UserError(f"{where}: a random state that is a {type(state).__name__}, not a dict")
+    for key, check in (("python", random.Random().setstate),
+                       ("numpy", np.random.RandomState().set_state)):
+        try:
+            check(state[key])
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError) as error:
+            raise UserError(f"{where}: the {key} random state is malformed "
+                            f"({type(error).__name__}); resume from another checkpoint") from None
+    paddle_states = [state.get("paddle_cpu"), state.get("paddle_device")]
+    for saved in paddle_states[:1] + [s for s in paddle_states[1:] if s is not None]:
+        saved = saved if isinstance(saved, list) else [saved]
+        if not saved or not all(isinstance(s, GeneratorState) for s in saved):
+            raise UserError(f"{where}: the Paddle random state is malformed; resume from "
+                            f"another checkpoint")
+
+
 def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -111,11 +136,18 @@ def optimizer_state(optimizer, model):
 def load_optimizer_state(optimizer, model, state):
     """Inverse of :func:`optimizer_state`: creates the accumulators, then fills them."""
     params = dict(model.named_parameters())
+    for acc, per_param in state.items():
+        if not (isinstance(acc, str) and isinstance(per_param, dict)
+                and all(isinstance(path, str) and isinstance(value, (np.ndarray, paddle.Tensor))
+                        for path, value in per_param.items())):
+            raise UserError(f"checkpoint optimizer state {printable(acc)} is not {{parameter "
+                            f"path: array}}; resume from another checkpoint")
     paths = sorted({path for per_param in state.values() for path in per_param})
     unknown = [path for path in paths if path not in params]
     if unknown:
         raise UserError(f"checkpoint optimizer state names parameters this model does not have "
-                        f"({', '.join(unknown[:3])}); resume with the config it was trained with")
+                        f"({', '.join(map(printable, unknown[:3]))}); resume with the config it "
+                        f"was trained with")
     block = paddle.static.default_main_program().global_block()
     optimizer._create_accumulators(block, [params[path] for path in paths])
     for acc, per_param in state.items():
@@ -124,7 +156,12 @@ def load_optimizer_state(optimizer, model, state):
                             f"{type(optimizer).__name__} does not keep; resume with the "
                             f"optimizer it was trained with")
         for path, value in per_param.items():
-            optimizer._accumulators[acc][params[path].name].set_value(value)
+            target = optimizer._accumulators[acc][params[path].name]
+            if list(value.shape) != list(target.shape):
+                raise UserError(f"checkpoint optimizer state {printable(acc)} of {path} has shape "
+                                f"{list(value.shape)}, the parameter needs {list(target.shape)}; "
+                                f"resume from another checkpoint")
+            target.set_value(value)
 
 
 # ---------------------------------------------------------------- writing
@@ -236,6 +273,12 @@ def resolve_resume_path(resume, output_dir):
     return path
 
 
+def is_training_checkpoint(state):
+    """``state`` carries this engine's marker (compared only as a string: the file chose it)."""
+    return isinstance(state, dict) and isinstance(state.get("kind"), str) \
+        and state["kind"] == KIND
+
+
 def load_checkpoint(path, trust=False):
     """The checkpoint dict at ``path``, after checking that it is one this code can resume.
 
@@ -248,12 +291,62 @@ def load_checkpoint(path, trust=False):
     if "kind" not in state:
         raise UserError(f"--resume {path}: a weights file, not a training checkpoint; use it "
                         f"with --pretrained (backbone) or --load (whole model)")
-    if state["kind"] != KIND:
-        raise UserError(f"--resume {path}: checkpoint kind {state['kind']!r}, expected {KIND!r}")
-    if state.get("version", 0) > VERSION:
+    if not is_training_checkpoint(state):
+        raise UserError(f"--resume {path}: checkpoint kind {state['kind']!r:.60}, expected "
+                        f"{KIND!r}")
+    version = state.get("version", 0)
+    if not _is_count(version):
+        raise UserError(f"--resume {path}: checkpoint version {version!r:.40} is not a number")
+    if version > VERSION:
         raise UserError(f"--resume {path}: checkpoint version {state['version']} is newer than "
                         f"this code reads ({VERSION}); update PASSL")
+    _check_resumable(state, f"--resume {path}")
     return state
+
+
+def _is_count(value, least=0):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= least
+
+
+#: What resuming reads from a checkpoint: key -> (check, what it must be).
+_RESUMED = {
+    "model": (lambda v: isinstance(v, dict), "a state dict"),
+    "optimizer": (lambda v: isinstance(v, dict), "a dict of optimizer accumulators"),
+    "lr_scheduler": (lambda v: isinstance(v, dict), "a dict"),
+    "epoch": (_is_count, "a count"),
+    "iter": (_is_count, "a count"),
+    "world_size": (lambda v: _is_count(v, 1), "a positive count"),
+    "per_rank": (lambda v: isinstance(v, list) and v, "a list with one entry per process"),
+}
+_RESUMED_IF_PRESENT = {
+    "steps_in_epoch": (_is_count, "a count"),
+    "global_batch_size": (lambda v: _is_count(v, 1), "a positive count"),
+    "amp_scaler": (lambda v: isinstance(v, dict), "a dict"),
+}
+
+
+def _check_resumable(state, where):
+    """Every part of ``state`` that :func:`restore` uses is there and of its type, so a
+    damaged checkpoint is one line here instead of a traceback later."""
+    missing = [key for key in _RESUMED if key not in state]
+    if missing:
+        raise UserError(f"{where}: the checkpoint has no '{missing[0]}' (damaged, or not "
+                        f"written by tools/train.py); resume from another checkpoint")
+    for key, (check, expected) in {**_RESUMED, **_RESUMED_IF_PRESENT}.items():
+        if key in state and not check(state[key]):
+            raise UserError(f"{where}: the checkpoint's '{key}' is a "
+                            f"{type(state[key]).__name__}, expected {expected}; resume from "
+                            f"another checkpoint")
+    check_state_dict(state["model"], f"{where}: 'model'")
+    if len(state["per_rank"]) != state["world_size"]:
+        raise UserError(f"{where}: the checkpoint holds {len(state['per_rank'])} process "
+                        f"states for world_size {state['world_size']}; resume from another "
+                        f"checkpoint")
+    for rank, own in enumerate(state["per_rank"]):
+        if not (isinstance(own, dict) and isinstance(own.get("hooks"), dict)):
+            raise UserError(f"{where}: process {rank}'s state is damaged (no 'hooks'); resume "
+                            f"from another checkpoint")
+        check_rng_state(own.get("rng"), f"{where}: process {rank}")
 
 
 def last_checkpoint(output_dir):
@@ -291,10 +384,13 @@ def load_model_weights(model, path, trust=False):
         state, recognised = layout.model_state(foreign, model.state_dict())
         epoch = foreign.epoch
         _LOGGER.info(recognised)
-    elif isinstance(state, dict) and state.get("kind") == KIND:
-        epoch, state = state.get("epoch"), state["model"]
+    elif is_training_checkpoint(state):
+        epoch, state = state.get("epoch"), state.get("model")
+        if not _is_count(epoch):
+            epoch = None
     if not isinstance(state, dict):
         raise UserError(f"--load {path}: expected a checkpoint or a model state dict")
+    check_state_dict(state, f"--load {path}")
     _refuse_backbone_file(model, state, path)
     check_model_keys(model, state, f"--load {path}")
     model.set_state_dict(state)

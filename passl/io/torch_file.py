@@ -18,14 +18,18 @@ arrays; any other global is refused before anything from the file runs.
 """
 import collections
 import io
-import pickle
+import math
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 
 from passl.errors import UserError
-from passl.io.safe_pickle import RestrictedUnpickler, UnsafeFileError
+from passl.io.input_file import open_regular_file
+from passl.io.safe_pickle import (MAX_DEPTH, Constructor, MalformedFileError, Marker,
+                                  TruncatedFileError, UnsafeFileError, Vocabulary, budget_for,
+                                  finish, printable, restricted_load)
 
 #: The first pickle of a legacy file (torch/serialization.py's MAGIC_NUMBER).
 LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
@@ -44,6 +48,18 @@ STORAGE_DTYPES = {
 #: Storage types a file may name that NumPy has no dtype for: a clear error, not "unsafe".
 UNSUPPORTED_STORAGES = ("BFloat16Storage", "ComplexFloatStorage", "ComplexDoubleStorage")
 ZIP_MAGIC = b"PK\x03\x04"
+#: The longest zip entry read besides data.pkl and storages (``byteorder``).
+SMALL_ENTRY = 64
+
+
+class _StorageType(Marker):
+    """Stands in for ``torch.FloatStorage`` and friends: an inert marker naming a dtype; the
+    file can neither call it nor ``BUILD`` on it."""
+
+    def __init__(self, name):
+        super().__init__(f"torch.{name}")
+        self.storage_name = name
+        self.dtype = STORAGE_DTYPES.get(name)
 
 
 class _Storage:
@@ -69,20 +85,19 @@ class _StorageView:
         return self.root.array[self.offset:self.offset + self.numel]
 
 
-class _StorageType:
-    """Stands in for ``torch.FloatStorage`` and friends: only the dtype matters here."""
-
-    def __init__(self, name):
-        self.name = name
-        self.dtype = STORAGE_DTYPES.get(name)
+def _is_count(value):
+    return type(value) is int and value >= 0
 
 
 class _TensorRef:
-    """A tensor as ``_rebuild_tensor_v2`` describes it; made an array once storages are read."""
+    """A tensor as ``_rebuild_tensor_v2`` describes it; made an array once storages are read.
+
+    Its extent was checked against its storage when it was described, and its bytes were
+    counted against the file's budget, so making it allocates no more than the file allows.
+    """
 
     def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset = storage, int(offset)
-        self.size, self.stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
     def to_array(self, what):
         data = self.storage.array
@@ -91,35 +106,60 @@ class _TensorRef:
                             f"data in the file); download it again")
         if any(s == 0 for s in self.size):
             return np.zeros(self.size, dtype=self.storage.dtype)
-        last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
-        if self.offset < 0 or min(self.stride, default=0) < 0 or last >= data.size:
-            raise UserError(f"{what}: corrupt PyTorch checkpoint (a tensor of shape "
-                            f"{list(self.size)} reaches past its storage of {data.size} "
-                            f"elements); download the file again")
         view = np.lib.stride_tricks.as_strided(
             data[self.offset:], shape=self.size,
             strides=[s * data.itemsize for s in self.stride], writeable=False)
         return np.array(view)  # a copy: views of one storage become independent arrays
 
 
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False,
+def _rebuild_tensor_v2(machine, storage, offset, size, stride, requires_grad=False,
                        backward_hooks=None, metadata=None):
+    """Check a tensor's description before anything is allocated for it: sizes and strides
+    non-negative, the last element inside its storage, its bytes within the file's budget
+    (which refuses stride-0 expansions and many views of one storage beyond that)."""
+    if not isinstance(storage, (_Storage, _StorageView)):
+        raise MalformedFileError(f"a tensor whose storage is {type(storage).__name__}")
+    if not (_is_count(offset) and type(size) is tuple and type(stride) is tuple
+            and len(size) == len(stride) <= MAX_DEPTH
+            and all(_is_count(n) for n in size + stride)):
+        raise MalformedFileError(f"a tensor with offset {offset!r:.20}, size {size!r:.40}, "
+                                 f"stride {stride!r:.40}")
+    numel = math.prod(size)
+    if numel:
+        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= storage.numel:
+            raise MalformedFileError(f"a tensor of shape {list(size)} reaching past its storage "
+                                     f"of {storage.numel} elements")
+    machine.charge(numel * storage.dtype.itemsize)
     return _TensorRef(storage, offset, size, stride)
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+def _rebuild_parameter(machine, data, requires_grad=False, backward_hooks=None):
+    if not isinstance(data, _TensorRef):
+        raise MalformedFileError(f"a parameter made of a {type(data).__name__}")
     return data
 
 
-def _allowed_globals():
-    allowed = {("torch", name): _StorageType(name)
-               for name in (*STORAGE_DTYPES, *UNSUPPORTED_STORAGES)}
-    allowed.update({
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    })
-    return allowed
+def _ordered_dict(machine):
+    return collections.OrderedDict()
+
+
+def _ordered_dict_state(state):
+    """``BUILD`` on a state dict: PyTorch pickles its ``_metadata`` attribute (module
+    versions), which a converter does not need; any other attribute is refused."""
+    if not (type(state) is dict and set(state) <= {"_metadata"}):
+        raise MalformedFileError("BUILD on an OrderedDict with attributes other than "
+                                 "_metadata")
+
+
+TORCH_SAVE = Vocabulary(
+    {**{("torch", name): _StorageType(name) for name in (*STORAGE_DTYPES, *UNSUPPORTED_STORAGES)},
+     ("collections", "OrderedDict"): Constructor("collections.OrderedDict", _ordered_dict),
+     ("torch._utils", "_rebuild_tensor_v2"): Constructor("_rebuild_tensor_v2", _rebuild_tensor_v2),
+     ("torch._utils", "_rebuild_parameter"): Constructor("_rebuild_parameter", _rebuild_parameter)},
+    ordered_dict_state=_ordered_dict_state, leaves=(_TensorRef,))
+#: The legacy format's header pickles and storage list: plain values only.
+PLAIN = Vocabulary({})
 
 
 def _check_storage_type(storage_type, what):
@@ -127,90 +167,123 @@ def _check_storage_type(storage_type, what):
         raise UserError(f"{what}: not a PyTorch checkpoint (a storage of type "
                         f"{type(storage_type).__name__})")
     if storage_type.dtype is None:
-        raise UserError(f"{what}: a {storage_type.name} tensor, which NumPy cannot hold; "
+        raise UserError(f"{what}: a {storage_type.storage_name} tensor, which NumPy cannot hold; "
                         f"convert it to float32 in PyTorch first (tensor.float())")
     return storage_type
 
 
 class _PersistentStorages:
-    """``persistent_load`` for both layouts: one :class:`_Storage` per key, shared by views."""
+    """``persistent_load`` for both layouts: one :class:`_Storage` per key, shared by views.
 
-    def __init__(self, what):
-        self.what = what
+    The storages a file declares may hold at most ``budget`` bytes in all, checked as each
+    is named, before any is read.
+    """
+
+    def __init__(self, what, budget):
+        self.what, self.budget = what, budget
+        self.declared = 0
         self.by_key = {}
 
     def __call__(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
-            raise UserError(f"{self.what}: not a PyTorch checkpoint (unexpected persistent id "
-                            f"{pid!r:.60})")
+        if not (type(pid) is tuple and len(pid) in (5, 6) and type(pid[0]) is str
+                and pid[0] == "storage"
+                and type(pid[2]) is str and _is_count(pid[4])):
+            raise MalformedFileError(f"an unexpected persistent id {pid!r:.60}")
         storage_type = _check_storage_type(pid[1], self.what)
-        key, numel = str(pid[2]), int(pid[4])
+        key, numel = pid[2], pid[4]
         if key not in self.by_key:
+            self.declared += numel * np.dtype(storage_type.dtype).itemsize
+            if self.declared > self.budget:
+                raise MalformedFileError(f"storages of {self.declared:,} bytes in a file of "
+                                         f"{self.budget:,} bytes at most")
             self.by_key[key] = _Storage(storage_type.dtype, numel)
+        root = self.by_key[key]
+        if not isinstance(root, _Storage) or root.dtype != storage_type.dtype:
+            raise MalformedFileError(f"storage {printable(key)} named twice with different types")
         view = pid[5] if len(pid) > 5 else None
         if view is None:
-            return self.by_key[key]
+            return root
+        if not (type(view) is tuple and len(view) == 3 and type(view[0]) is str
+                and _is_count(view[1]) and _is_count(view[2])
+                and view[1] + view[2] <= root.numel and view[0] not in (key,)):
+            raise MalformedFileError(f"a storage view {view!r:.60} outside its storage")
         view_key, offset, view_numel = view
         if view_key not in self.by_key:
-            self.by_key[view_key] = _StorageView(self.by_key[key], int(offset), int(view_numel))
+            self.by_key[view_key] = _StorageView(root, offset, view_numel)
+        if not isinstance(self.by_key[view_key], _StorageView):
+            raise MalformedFileError(f"storage {printable(view_key)} is both a storage and a view")
         return self.by_key[view_key]
 
 
-def _materialise(obj, what):
-    """Replace every :class:`_TensorRef` inside dicts, lists and tuples by its array."""
-    if isinstance(obj, _TensorRef):
-        return obj.to_array(what)
-    if isinstance(obj, dict):
-        converted = type(obj)() if isinstance(obj, collections.OrderedDict) else {}
-        for key, value in obj.items():
-            converted[key] = _materialise(value, what)
-        return converted
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialise(value, what) for value in obj)
+def _load_object(file, size, storages):
+    return restricted_load(file, size, TORCH_SAVE, "utf-8", storages, budget=storages.budget)
+
+
+def _remaining(file, size):
+    return size - file.tell()
+
+
+def _read_legacy(file, size, what, budget):
+    try:
+        magic = restricted_load(file, size, PLAIN)
+    except (UnsafeFileError, MalformedFileError):  # a pickle of something else
+        magic = None
+    if not (type(magic) is int and magic == LEGACY_MAGIC):
+        raise UserError(f"{what}: not a PyTorch checkpoint (a pickle without PyTorch's magic "
+                        f"number; paddle.save files load with --pretrained or --load)")
+    header = [restricted_load(file, _remaining(file, size), PLAIN) for _ in range(2)]
+    if not isinstance(header[1], dict) or header[1].get("little_endian", True) is not True:
+        raise UserError(f"{what}: a big-endian PyTorch file; re-save it on a little-endian "
+                        f"machine")
+    storages = _PersistentStorages(what, budget)
+    obj = _load_object(file, _remaining(file, size), storages)
+    keys = restricted_load(file, _remaining(file, size), PLAIN)
+    if type(keys) is not list:
+        raise MalformedFileError("no list of storages after the object")
+    for key in keys:
+        storage = storages.by_key.get(key) if type(key) is str else None
+        if not isinstance(storage, _Storage) or storage.array is not None:
+            raise UserError(f"{what}: corrupt PyTorch checkpoint (storage {key!r:.40} is "
+                            f"listed twice or never used)")
+        count = file.read(8)
+        if len(count) < 8:
+            raise TruncatedFileError("the file ends inside the storages")
+        listed = struct.unpack("<q", count)[0]
+        if listed != storage.numel:
+            raise MalformedFileError(f"storage {printable(key)} holds {listed} elements, the "
+                                     f"object says {storage.numel}")
+        nbytes = storage.numel * storage.dtype.itemsize
+        if nbytes > _remaining(file, size):
+            raise TruncatedFileError("the file ends inside the storages")
+        storage.array = np.frombuffer(file.read(nbytes), dtype=storage.dtype.newbyteorder("<")
+                                      ).astype(storage.dtype, copy=False)
     return obj
 
 
-def _load_object(file, storages, what):
-    unpickler = RestrictedUnpickler(file, _allowed_globals(), what, encoding="utf-8")
-    unpickler.persistent_load = storages
-    return unpickler.load()
-
-
-def _read_legacy(file, what):
-    plain = {}  # the header pickles hold only numbers, strings and dicts
+def _entry(archive, name, what, limit):
+    """The bytes of zip entry ``name``, at most ``limit``; refuses what PyTorch never writes
+    (encryption, compression other than stored/deflated) and entries larger than ``limit``."""
     try:
-        magic = RestrictedUnpickler(file, plain, what).load()
-    except UnsafeFileError:  # a pickle of something else, e.g. a paddle.save file
-        magic = None
-    if magic != LEGACY_MAGIC:
-        raise UserError(f"{what}: not a PyTorch checkpoint (a pickle without PyTorch's magic "
-                        f"number; paddle.save files load with --pretrained or --load)")
-    header = [RestrictedUnpickler(file, plain, what).load() for _ in range(2)]
-    if not isinstance(header[1], dict) or not header[1].get("little_endian", True):
-        raise UserError(f"{what}: a big-endian PyTorch file; re-save it on a little-endian "
-                        f"machine")
-    storages = _PersistentStorages(what)
-    obj = _load_object(file, storages, what)
-    keys = RestrictedUnpickler(file, plain, what).load()
-    for key in keys:
-        storage = storages.by_key.get(str(key))
-        if not isinstance(storage, _Storage):
-            raise UserError(f"{what}: corrupt PyTorch checkpoint (storage {key!r} is listed "
-                            f"but never used)")
-        count_bytes = file.read(8)
-        if len(count_bytes) < 8:
-            raise EOFError
-        numel = struct.unpack("<q", count_bytes)[0]
-        data = file.read(numel * storage.dtype.itemsize)
-        if numel != storage.numel or len(data) < numel * storage.dtype.itemsize:
-            raise EOFError
-        storage.array = np.frombuffer(data, dtype=storage.dtype.newbyteorder("<")).astype(
-            storage.dtype, copy=False)
-    return obj, storages
+        info = archive.getinfo(name)
+    except KeyError:
+        raise UserError(f"{what}: corrupt PyTorch checkpoint (no entry {printable(name)}); "
+                        f"download it again") from None
+    label = f"the zip entry {printable(name)}"
+    if info.flag_bits & 0x1:
+        raise UserError(f"{what}: {label} is encrypted, which PyTorch never writes; decrypt "
+                        f"the archive first")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise UserError(f"{what}: {label} uses compression method {info.compress_type}, which "
+                        f"PyTorch never writes; re-save the file with torch.save")
+    if info.file_size > limit:
+        raise MalformedFileError(f"{label} holds {info.file_size:,} bytes, more than the "
+                                 f"{limit:,} it may")
+    with archive.open(info) as entry:
+        return entry.read(limit)
 
 
-def _read_zip(path, what):
-    with zipfile.ZipFile(path) as archive:
+def _read_zip(file, what, budget):
+    with zipfile.ZipFile(file) as archive:
         names = archive.namelist()
         pickles = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
         if len(pickles) != 1:
@@ -218,19 +291,29 @@ def _read_zip(path, what):
         root = pickles[0][:-len("data.pkl")]
         order = "<"
         if root + "byteorder" in names:
-            order = "<" if archive.read(root + "byteorder").strip() == b"little" else ">"
-        storages = _PersistentStorages(what)
-        obj = _load_object(io.BytesIO(archive.read(pickles[0])), storages, what)
+            order = "<" if _entry(archive, root + "byteorder", what,
+                                  SMALL_ENTRY).strip() == b"little" else ">"
+        storages = _PersistentStorages(what, budget)
+        data = _entry(archive, pickles[0], what, budget)
+        obj = _load_object(io.BytesIO(data), len(data), storages)
         for key, storage in storages.by_key.items():
             if isinstance(storage, _StorageView):
                 continue
-            data = archive.read(f"{root}data/{key}")
-            if len(data) < storage.numel * storage.dtype.itemsize:
-                raise EOFError
+            nbytes = storage.numel * storage.dtype.itemsize
+            data = _entry(archive, f"{root}data/{key}", what, nbytes)
+            if len(data) < nbytes:
+                raise TruncatedFileError(f"storage {printable(key)} has {len(data)} of its "
+                                         f"{nbytes} bytes")
             storage.array = np.frombuffer(data, dtype=storage.dtype.newbyteorder(order),
                                           count=storage.numel).astype(storage.dtype,
                                                                       copy=False)
-    return obj, storages
+    return obj
+
+
+#: What the zip module raises for archives it cannot read (broken, or features it lacks;
+#: OSError: a seek to the negative offset a damaged header gives).
+ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, struct.error, NotImplementedError,
+              RuntimeError, ValueError, OverflowError, OSError)
 
 
 def read_torch_file(path, what=None):
@@ -241,32 +324,36 @@ def read_torch_file(path, what=None):
         what: how errors name the file (default: the path).
 
     Raises:
-        UserError: not a PyTorch checkpoint, truncated, or a dtype NumPy lacks (bfloat16,
-            complex); one line naming the file.
+        UserError: not a PyTorch checkpoint, truncated, corrupt or built to attack, a
+            dtype NumPy lacks (bfloat16, complex); one line naming the file.
         UnsafeFileError: the file asks for a global a checkpoint does not need.
     """
     what = what or path
+    file, size = open_regular_file(path, what)
+    budget = budget_for(size)
     try:
-        with open(path, "rb") as file:
+        with file:
             start = file.read(4)
+            file.seek(0)
             if start == ZIP_MAGIC:
-                obj, _ = _read_zip(path, what)
+                try:
+                    obj = _read_zip(file, what, budget)
+                except ZIP_ERRORS as error:
+                    raise UserError(f"{what}: truncated or not a PyTorch checkpoint "
+                                    f"({type(error).__name__}); download it again") from None
             elif start[:1] == b"\x80":
-                file.seek(0)
-                obj, _ = _read_legacy(file, what)
+                obj = _read_legacy(file, size, what, budget)
             else:
                 raise UserError(f"{what}: not a PyTorch checkpoint (neither a zip archive nor "
                                 f"a pickle stream)")
-    except FileNotFoundError:
-        raise UserError(f"{what}: file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{what}: a directory, not a PyTorch checkpoint") from None
-    except (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, struct.error, KeyError,
-            ValueError, TypeError, IndexError) as error:
-        raise UserError(f"{what}: truncated or not a PyTorch checkpoint "
-                        f"({type(error).__name__}); download it again") from None
-    return _materialise(obj, what)
-
+    except UnsafeFileError as error:
+        raise UnsafeFileError(f"{what}: refused to load: {error}") from None
+    except TruncatedFileError:
+        raise UserError(f"{what}: truncated or not a PyTorch checkpoint (the file ends early); "
+                        f"download it again") from None
+    except MalformedFileError as error:
+        raise UserError(f"{what}: not a valid PyTorch checkpoint ({error})") from None
+    return finish(obj, convert=lambda x: x.to_array(what) if isinstance(x, _TensorRef) else None)
 
 
 def torch_state_dict(obj, what):
@@ -284,7 +371,8 @@ def torch_state_dict(obj, what):
         raise UserError(f"{what}: no state dict in this PyTorch file (holds a "
                         f"{type(obj).__name__}); expected {{name: tensor}}, possibly under "
                         f"'state_dict' or 'model'")
-    not_tensors = [str(name) for name, value in obj.items() if not isinstance(value, np.ndarray)]
+    not_tensors = [printable(name) for name, value in obj.items()
+                   if not (isinstance(name, str) and isinstance(value, np.ndarray))]
     if not_tensors:
         raise UserError(f"{what}: the state dict holds non-tensor entries "
                         f"({', '.join(not_tensors[:3])}); expected {{name: tensor}}")

@@ -14,8 +14,9 @@ import numpy as np
 
 from passl.errors import UserError
 from passl.io import foreign_layouts
-from passl.io.checkpoint import KIND as CHECKPOINT_KIND, write_atomic
-from passl.io.paddle_file import load_paddle_file
+from passl.io.checkpoint import KIND as CHECKPOINT_KIND, is_training_checkpoint, write_atomic
+from passl.io.paddle_file import check_state_dict, load_paddle_file
+from passl.io.safe_pickle import printable
 from passl.io.safe_write import reporting_write_errors
 
 WEIGHTS_SUFFIX = ".pdparams"
@@ -29,7 +30,7 @@ _LOGGER = logging.getLogger("passl")
 def names_preview(keys):
     """The first names of ``keys`` for a message, then "..." when there are more."""
     keys = list(keys)
-    shown = ", ".join(keys[:SHOWN_NAMES])
+    shown = ", ".join(printable(key, 200) for key in keys[:SHOWN_NAMES])  # names from a file
     return shown + (", ..." if len(keys) > SHOWN_NAMES else "")
 
 
@@ -54,9 +55,10 @@ def read_checkpoint(path, trust=False):
         raise UserError(f"checkpoint {path}: not a training checkpoint (no 'model' state dict; "
                         f"weights files are already extracted); pass "
                         f"OUTPUT_DIR/checkpoints/epoch_N.pd or latest.pd of a training run")
-    if checkpoint.get("kind", CHECKPOINT_KIND) != CHECKPOINT_KIND:
-        raise UserError(f"checkpoint {path}: kind {checkpoint['kind']!r}, expected "
+    if "kind" in checkpoint and not is_training_checkpoint(checkpoint):
+        raise UserError(f"checkpoint {path}: kind {checkpoint['kind']!r:.60}, expected "
                         f"{CHECKPOINT_KIND!r}")
+    check_state_dict(checkpoint["model"], f"checkpoint {path}: 'model'")
     return checkpoint
 
 
@@ -109,7 +111,7 @@ def read_weights(path, trust=False):
                         f"--output backbone{WEIGHTS_SUFFIX} --remove-prefix")
     if not isinstance(weights, dict) or not weights:
         raise UserError(f"weights {path}: expected a non-empty {{name: tensor}} state dict")
-    return weights
+    return check_state_dict(weights, f"weights {path}")
 
 
 def _strip_backbone_prefix(weights, expected):

@@ -50,7 +50,7 @@ def read_torch_states(paths):
 def resnet_width(state, base_width=64):
     """The ``width_multiplier`` of the trunk in a reference state dict (conv1's channels / 64)."""
     stem = state.get(STEM)
-    return None if stem is None else stem.shape[0] / base_width
+    return None if stem is None or stem.ndim == 0 else stem.shape[0] / base_width
 
 
 def map_torch_state(state, target):
