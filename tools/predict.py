@@ -31,6 +31,11 @@ def parse_args(argv):
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
                         help="bfloat16: oneDNN on CPUs with AVX512-BF16, ~2x faster, "
                              "~1e-2 relative error (default float32)")
+    parser.add_argument("--trust-model", action="store_true",
+                        help="run a graph with operators tools/export_model.py does not write "
+                             "(a model made elsewhere): it runs with your rights, so only for "
+                             "a source you trust; operators that read or write files stay "
+                             "refused")
     return parser.parse_args(argv)
 
 
@@ -45,8 +50,11 @@ def main(argv=None):
     from passl.runtime import configure_cpu_threads
     configure_cpu_threads()
     from passl.deploy.predict import Predictor, list_images, write_features
+    if args.trust_model:
+        print(f"warning: --trust-model: running the graph in {args.model_dir} without checking "
+              f"its operators; it runs with your rights", file=sys.stderr, flush=True)
     predictor = Predictor(args.model_dir, device=args.device, batch_size=args.batch_size,
-                          precision=args.precision)
+                          precision=args.precision, trust_model=args.trust_model)
     if predictor.meta["output"] == "features" and not args.features:
         raise UserError(f"model dir {args.model_dir}: this export outputs features, not "
                         f"classes; pass --features OUT.npy to write them")

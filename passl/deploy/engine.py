@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 
 from passl.errors import UserError
-from passl.io.inference_model import model_prefix
+from passl.io.inference_model import check_graph, model_prefix
 from passl.runtime import has_gpu, threads_per_process
 
 PRECISIONS = ("float32", "bfloat16")
@@ -42,10 +42,14 @@ class InferenceEngine:
             :func:`passl.runtime.threads_per_process`).
         onednn: use oneDNN kernels on CPU (Paddle's default; ``False`` for the plain CPU path).
         precision: ``float32`` or ``bfloat16`` (oneDNN on CPU only).
+        trust_model: run operators our exporter does not write (``--trust-model``); by
+            default the graph is refused unless :func:`~passl.io.inference_model.check_graph`
+            passes it, and operators that touch files are refused always.
     """
 
     def __init__(self, graph_file, params_file, device="auto", threads=None, onednn=True,
-                 precision="float32"):
+                 precision="float32", trust_model=False):
+        check_graph(graph_file, trust=trust_model)  # before Paddle reads a byte of it
         if device not in DEVICES:
             raise UserError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
         if precision not in PRECISIONS:

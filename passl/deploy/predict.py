@@ -53,14 +53,16 @@ def softmax(logits):
 class Predictor:
     """An exported model directory, ready to run: its engine and its preprocessing."""
 
-    def __init__(self, model_dir, device="auto", batch_size=16, precision="float32"):
+    def __init__(self, model_dir, device="auto", batch_size=16, precision="float32",
+                 trust_model=False):
         graph, params, self.meta = read_model_dir(model_dir)
         self.input_shape = list(self.meta["input"]["shape"])
         fixed_batch = self.input_shape[0]
         self.batch_size = fixed_batch if fixed_batch > 0 else batch_size
         self.transform = build_pipeline(self.meta["transforms"])
         self.class_names = self.meta.get("class_names")
-        self.engine = InferenceEngine(graph, params, device=device, precision=precision)
+        self.engine = InferenceEngine(graph, params, device=device, precision=precision,
+                                      trust_model=trust_model)
 
     def preprocess(self, image):
         out = self.transform(image, np.random.default_rng(0))

@@ -17,7 +17,15 @@ reads, one directory::
 
 The transforms are the training config's ``dataloader.val.dataset.transforms`` (what
 ``--evaluate-only`` feeds the model), so the exported model sees exactly those pixels.
+
+A model directory is a program: Paddle Inference runs whatever operators its graph lists,
+and some of them (``save``, ``load``, ``print``, Python callbacks) read or write files. So
+before anything runs it, :func:`check_graph` reads the graph file as data (JSON or protobuf,
+nothing executed) and refuses every operator outside the set our exporter writes, and
+:func:`read_model_dir` checks ``inference.yml``'s values against bounds before anything is
+allocated from them.
 """
+import json
 import os
 
 import yaml
@@ -32,6 +40,31 @@ PARAMS_FILE = MODEL_PREFIX + ".pdiparams"
 GRAPH_FILES = (MODEL_PREFIX + ".json", MODEL_PREFIX + ".pdmodel")
 META_FILE = "inference.yml"
 OUTPUTS = ("features", "logits")
+
+#: Operators tools/export_model.py writes for every model it can export (a ResNet trunk,
+#: NCHW or NHWC, any stem and pool size; features or features + linear classifier), by
+#: graph format. tests/test_deploy.py exports each variant and checks it stays inside.
+EXPORTED_OPS = {
+    "pir": frozenset({"builtin.parameter", "pd_op.data", "pd_op.fetch", "pd_op.conv2d",
+                      "pd_op.batch_norm_", "pd_op.relu", "pd_op.add",
+                      "pd_op.pool2d", "pd_op.full_int_array", "pd_op.flatten",
+                      "pd_op.matmul", "pd_op.transpose"}),
+    "legacy": frozenset({"feed", "fetch", "conv2d", "batch_norm", "relu", "elementwise_add",
+                         "pool2d", "flatten_contiguous_range", "matmul_v2", "transpose2"}),
+}
+#: Operators that touch files, the console, the network or run Python: refused in every
+#: graph, also under ``--trust-model`` (matched on the name after the dialect prefix).
+IO_OPS = frozenset({"save", "load", "save_combine", "load_combine", "print", "py_func",
+                    "pylayer", "send", "recv", "send_v2", "recv_v2", "listen_and_serv"})
+#: PIR JSON writes an operator's dialect as a number (Paddle's DialectIdMap); ``p`` is
+#: ``builtin.parameter``.
+_PIR_DIALECTS = {"0": "builtin", "1": "pd_op", "2": "cf", "3": "custom_op", "4": "dist_op"}
+
+#: Bounds on inference.yml values, checked before anything is allocated from them.
+MAX_BATCH = 1024
+MAX_SIDE = 4096
+MAX_BATCH_BYTES = 2 ** 30
+MAX_META_BYTES = 2 ** 20
 
 
 def model_prefix(directory):
@@ -55,6 +88,91 @@ def write_meta(directory, output, input_shape, transforms, class_names=None, inp
     return path
 
 
+def _pir_operators(graph_file, data):
+    """Operator names of a PIR JSON program: every entry of every ``ops`` list, at any depth
+    (ops of nested blocks included), walked without recursion."""
+    names, pending = [], [data]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if key == "ops" and isinstance(value, list):
+                    for op in value:
+                        name = op.get("#") if isinstance(op, dict) else None
+                        if not isinstance(name, str):
+                            raise UserError(f"{graph_file}: an operator without a name; not a "
+                                            f"graph tools/export_model.py writes; re-export "
+                                            f"the model")
+                        names.append(name)
+                pending.append(value)
+    return [_pir_full_name(name) for name in names]
+
+
+def _pir_full_name(name):
+    """``1.conv2d`` -> ``pd_op.conv2d``, ``p`` -> ``builtin.parameter`` (see _PIR_DIALECTS)."""
+    if name == "p":
+        return "builtin.parameter"
+    dialect, dot, op = name.partition(".")
+    return f"{_PIR_DIALECTS.get(dialect, dialect)}.{op}" if dot else name
+
+
+def _legacy_operators(graph_file, data):
+    """Operator types of a protobuf ProgramDesc (``.pdmodel``), every block."""
+    from google.protobuf.message import DecodeError
+    from paddle.base.proto import framework_pb2
+    try:
+        program = framework_pb2.ProgramDesc.FromString(data)
+    except (DecodeError, RecursionError, ValueError) as e:
+        raise UserError(f"{graph_file}: not a Paddle program ({type(e).__name__}); re-export "
+                        f"the model") from None
+    return [op.type for block in program.blocks for op in block.ops]
+
+
+def graph_operators(graph_file):
+    """``(format, operator names)`` of a static graph file, read as data: ``pir`` for the
+    JSON ``paddle.jit.save`` writes in Paddle 3, ``legacy`` for a protobuf ``.pdmodel``."""
+    try:
+        with open(graph_file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{graph_file}: cannot read ({e.strerror or e})") from None
+    if not graph_file.endswith(".json"):
+        return "legacy", _legacy_operators(graph_file, data)
+    try:
+        program = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise UserError(f"{graph_file}: not valid JSON ({type(e).__name__}); re-export the "
+                        f"model") from None
+    if not isinstance(program, dict) or "program" not in program:
+        raise UserError(f"{graph_file}: not a Paddle program (no 'program' key); re-export the "
+                        f"model")
+    return "pir", _pir_operators(graph_file, program)
+
+
+def check_graph(graph_file, trust=False):
+    """Refuse a graph that could do more than compute: one UserError naming the first
+    operator outside :data:`EXPORTED_OPS` (any operator in :data:`IO_OPS`, whatever
+    ``trust`` says). ``trust`` (``--trust-model``) lets other operators through, for a model
+    made by another tool. Nothing of the graph runs here."""
+    kind, names = graph_operators(graph_file)
+    for name in names:
+        if name.rpartition(".")[2] in IO_OPS:
+            raise UserError(f"{graph_file}: operator {name!r} reads or writes files, prints or "
+                            f"runs Python; a model graph with it is refused, also with "
+                            f"--trust-model")
+    if trust:
+        return
+    allowed = EXPORTED_OPS[kind]
+    for name in names:
+        if name not in allowed:
+            raise UserError(f"{graph_file}: operator {name!r} is not one tools/export_model.py "
+                            f"writes, so this model is not run; re-export it with "
+                            f"tools/export_model.py, or pass --trust-model if you trust who "
+                            f"made it")
+
+
 def _graph_file(directory):
     for name in GRAPH_FILES:
         if os.path.isfile(os.path.join(directory, name)):
@@ -63,9 +181,12 @@ def _graph_file(directory):
 
 
 def read_model_dir(directory):
-    """``(graph file, params file, meta dict)`` of an exported model directory.
+    """``(graph file, params file, meta dict)`` of an exported model directory, with
+    ``inference.yml`` checked against the bounds above (the graph is checked by whatever
+    runs it: :class:`passl.deploy.engine.InferenceEngine` calls :func:`check_graph`).
 
-    Anything missing or malformed is a one-line UserError naming the path and the fix.
+    Anything missing, malformed or refused is a one-line UserError naming the path and the
+    fix.
     """
     fix = "export one with tools/export_model.py -c CFG --load CKPT --output DIR"
     if not os.path.exists(directory):
@@ -81,14 +202,21 @@ def read_model_dir(directory):
     if missing:
         raise UserError(f"model dir {directory}: no {', '.join(missing)}; not an exported "
                         f"model; {fix}")
+    if os.path.getsize(meta_path) > MAX_META_BYTES:
+        raise UserError(f"{meta_path}: {os.path.getsize(meta_path)} bytes, more than an "
+                        f"inference.yml holds ({MAX_META_BYTES >> 20} MB at most); re-export "
+                        f"the model")
     try:
         with open(meta_path) as f:
             meta = yaml.safe_load(f)
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"{meta_path}: not valid YAML ({type(e).__name__}); re-export the "
                         f"model") from None
     if not isinstance(meta, dict) or meta.get("kind") != KIND:
         raise UserError(f"{meta_path}: kind is not {KIND!r}; re-export the model")
+    if not _is_int(meta.get("version", 0)):
+        raise UserError(f"{meta_path}: version {meta['version']!r} is not an integer; "
+                        f"re-export the model")
     if meta.get("version", 0) > VERSION:
         raise UserError(f"{meta_path}: version {meta['version']} is newer than this code "
                         f"reads ({VERSION}); update PASSL")
@@ -98,4 +226,59 @@ def read_model_dir(directory):
     if meta["output"] not in OUTPUTS:
         raise UserError(f"{meta_path}: output {meta['output']!r} is not one of "
                         f"{', '.join(OUTPUTS)}; re-export the model")
+    _check_input(meta["input"], meta_path)
+    _check_transforms(meta["transforms"], meta_path)
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list)
+                                  and all(isinstance(n, str) for n in names)):
+        raise UserError(f"{meta_path}: class_names must be a list of strings; re-export the "
+                        f"model")
     return graph, params, meta
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_input(block, meta_path):
+    """``input``: ``{name: str, shape: [B or -1, 3, H, W], dtype: float32}`` within the
+    bounds at the top of this module (a batch of them at most MAX_BATCH_BYTES)."""
+    where = f"{meta_path}: input"
+    if not isinstance(block, dict) or not isinstance(block.get("name"), str):
+        raise UserError(f"{where}: expected {{name, shape, dtype}}; re-export the model")
+    if block.get("dtype") != "float32":
+        raise UserError(f"{where}.dtype {block.get('dtype')!r}: only float32 is exported; "
+                        f"re-export the model")
+    shape = block.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(map(_is_int, shape))):
+        raise UserError(f"{where}.shape {shape!r}: expected 4 integers [B or -1, 3, H, W]; "
+                        f"re-export the model")
+    batch, channels, height, width = shape
+    if not (batch == -1 or 1 <= batch <= MAX_BATCH) or channels != 3 \
+            or not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE) \
+            or max(batch, 1) * channels * height * width * 4 > MAX_BATCH_BYTES:
+        raise UserError(f"{where}.shape {shape}: outside what predict runs (batch -1 or "
+                        f"1..{MAX_BATCH}, 3 channels, sides 1..{MAX_SIDE}, at most "
+                        f"{MAX_BATCH_BYTES >> 20} MB a batch); re-export the model")
+
+
+def _check_transforms(blocks, meta_path):
+    """``transforms``: blocks ``{name: str, key: number, string or list of them}`` whose
+    numbers (sizes, kernel sizes, sigmas) are at most MAX_SIDE: a transform cannot be told
+    to allocate more than an image of the largest input size."""
+    where = f"{meta_path}: transforms"
+    if not isinstance(blocks, list) or not blocks:
+        raise UserError(f"{where}: expected a list of transform blocks; re-export the model")
+    for block in blocks:
+        if not isinstance(block, dict) or not isinstance(block.get("name"), str):
+            raise UserError(f"{where}: {block!r} is not a block with a name; re-export the "
+                            f"model")
+        for key, value in block.items():
+            items = value if isinstance(value, list) else [value]
+            for item in items:
+                if isinstance(item, (int, float)) and not abs(item) <= MAX_SIDE:
+                    raise UserError(f"{where}: {block['name']}.{key} {value!r} is out of "
+                                    f"bounds (at most {MAX_SIDE}); re-export the model")
+                if not (item is None or isinstance(item, (int, float, str))):
+                    raise UserError(f"{where}: {block['name']}.{key} {value!r} is not a "
+                                    f"number, string or list of them; re-export the model")
