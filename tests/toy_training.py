@@ -220,3 +220,18 @@ class ToyEngineDiskFull(Hook):
             metrics_log.append_text = full_metrics_disk
         else:
             checkpoint.paddle.save = lambda obj, path, *args, **kwargs: fill_disk(path)
+
+
+@HOOKS.register("ToyEngineWaitFor")
+class ToyEngineWaitFor(Hook):
+    """Holds the run in ``before_run`` (its output_dir locked) until the file ``path`` exists,
+    so a test can start a second run against it."""
+
+    def __init__(self, path, timeout=120):
+        self.path, self.timeout = path, timeout
+
+    def before_run(self, trainer):
+        import time
+        deadline = time.time() + self.timeout
+        while not os.path.exists(self.path) and time.time() < deadline:
+            time.sleep(0.05)

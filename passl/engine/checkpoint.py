@@ -8,9 +8,11 @@ a signal (:mod:`passl.preemption`) writes ``epoch_E_step_S.pd``: S optimizer ste
 epoch E, both counted as the log lines count them (1-based epoch, steps done); it is removed
 once a later checkpoint is written.
 
-Crash safety: a checkpoint is written to ``epoch_N.pd.tmp``, flushed to disk and renamed
-(``os.replace`` is atomic); only then is ``latest.pd`` swapped, again by renaming a freshly
-made link over it. A crash at any point leaves ``latest.pd`` pointing at a complete file.
+Crash safety: a checkpoint is written to a temporary file of its own in the same folder
+(:func:`passl.io.safe_write.replacing`), flushed to disk and renamed (``os.replace`` is
+atomic); only then is ``latest.pd`` swapped, again by renaming a freshly made link over it.
+A crash at any point leaves ``latest.pd`` pointing at a complete file, and two writers of one
+path never see each other's half-written file.
 
 Content (one ``paddle.save`` dict, written by rank 0)::
 
@@ -44,7 +46,8 @@ from passl import distributed
 from passl.engine import world_change
 from passl.errors import UserError
 from passl.io.paddle_file import load_paddle_file
-from passl.io.safe_write import OutputWriteError, reporting_write_errors
+from passl.io.safe_write import (OutputWriteError, replacing, reporting_write_errors,
+                                 temporary_name)
 
 KIND = "passl-training-checkpoint"
 VERSION = 1
@@ -125,36 +128,25 @@ def load_optimizer_state(optimizer, model, state):
 
 # ---------------------------------------------------------------- writing
 
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(state, path):
     """``paddle.save`` to ``path`` via a temporary file and a rename; never a partial ``path``."""
-    tmp = path + ".tmp"
-    try:
+    with replacing(path) as tmp:
         paddle.save(state, tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _point_latest(directory, target_name):
     """Atomically make ``directory/latest.pd`` refer to ``directory/target_name``."""
-    link, tmp = os.path.join(directory, LATEST), os.path.join(directory, LATEST + ".tmp")
-    if os.path.lexists(tmp):
-        os.remove(tmp)
+    link = os.path.join(directory, LATEST)
+    tmp = temporary_name(link)
     try:
-        os.symlink(target_name, tmp)
-    except OSError:  # no symlinks here (e.g. Windows without the privilege)
-        os.link(os.path.join(directory, target_name), tmp)
-    os.replace(tmp, link)
+        try:
+            os.symlink(target_name, tmp)
+        except OSError:  # no symlinks here (e.g. Windows without the privilege)
+            os.link(os.path.join(directory, target_name), tmp)
+        os.replace(tmp, link)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 def checkpoint_name(epoch, steps_in_epoch=0):
