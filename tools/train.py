@@ -73,6 +73,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
     cfg = load_run_config(args)  # loads Paddle, so the signal handlers below replace its own
+    from passl.engine.checkpoint import RunAlreadyComplete
     from passl.engine.continuation import how_to_continue
     from passl.engine.trainer import Trainer
     from passl.preemption import interrupt_on_stop_signals
@@ -86,6 +87,9 @@ def main(argv=None):
             trainer.evaluate()
             return 0
         return train_until_stopped(trainer)
+    except RunAlreadyComplete as complete:  # nothing to do, and nothing written
+        print(complete)
+        return 0
     except KeyboardInterrupt:  # a second Ctrl-C: say what survives (run_cli prints it)
         if args.evaluate_only:
             raise

@@ -35,6 +35,7 @@ Paddle's generated tensor names (``conv2d_0.w_0_velocity_0``), which depend on h
 layers the process created before; that keeps resuming correct in any process.
 """
 import glob
+import numbers
 import os
 import random
 import re
@@ -52,6 +53,8 @@ from passl.io.safe_write import (OutputWriteError, replacing, reporting_write_er
 KIND = "passl-training-checkpoint"
 VERSION = 1
 LATEST = "latest.pd"
+#: What a checkpoint must hold to be resumed (see the module doc).
+RESUME_KEYS = ("epoch", "iter", "model", "optimizer", "lr_scheduler", "per_rank")
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pd$")
 _MID_EPOCH_FILE = re.compile(r"^epoch_(\d+)_step_(\d+)\.pd$")
 
@@ -213,15 +216,74 @@ def latest_checkpoint(output_dir):
     return link if os.path.isfile(link) else None
 
 
-def resolve_resume_path(resume, output_dir):
-    """``--resume`` value to a checkpoint path: ``auto`` means the latest in ``output_dir``."""
-    if resume != "auto":
-        return resume
-    path = latest_checkpoint(output_dir)
-    if path is None:
-        raise UserError(f"--resume auto: no checkpoint in {checkpoint_dir(output_dir)} "
-                        f"(no {LATEST}); start without --resume, or pass --resume PATH")
-    return path
+class RunAlreadyComplete(Exception):
+    """``--resume`` of a run that trained all its epochs: nothing to do (tools/train.py exits
+    0 with this message and writes nothing)."""
+
+
+def _position(name):
+    """``(epochs completed, steps into the next)`` of a checkpoint file name, else None."""
+    match = _EPOCH_FILE.match(name)
+    if match:
+        return int(match.group(1)), 0
+    match = _MID_EPOCH_FILE.match(name)
+    return (int(match.group(1)) - 1, int(match.group(2))) if match else None
+
+
+def resume_candidates(output_dir):
+    """The checkpoints ``--resume auto`` tries, in order: what ``latest.pd`` leads to, then
+    every ``epoch_N.pd`` and ``epoch_E_step_S.pd`` before it, newest position first.
+
+    Files beyond the position ``latest.pd`` names are left out: they are from an earlier
+    timeline of this output_dir (a run resumed from an older checkpoint writes over it).
+    Without ``latest.pd`` every checkpoint file is a candidate. Each file appears once.
+    """
+    directory = checkpoint_dir(output_dir)
+    link = os.path.join(directory, LATEST)
+    target = os.readlink(link) if os.path.islink(link) else None
+    cap = _position(os.path.basename(target)) if target else None
+    files = [(position, path) for position, path in
+             [(_position(os.path.basename(p)), p) for p in glob.glob(os.path.join(directory,
+                                                                                  "epoch_*.pd"))]
+             if position is not None and (cap is None or position <= cap)]
+    ordered = ([link] if os.path.isfile(link) and target is None else []) + \
+        [path for _, path in sorted(files, reverse=True)]
+    unique, seen = [], set()
+    for path in ordered:
+        identity = (os.stat(path).st_dev, os.stat(path).st_ino)
+        if identity not in seen:
+            seen.add(identity)
+            unique.append(path)
+    return unique
+
+
+def find_resume_checkpoint(output_dir, trust=False, report=None):
+    """``(path, state)`` of the newest of :func:`resume_candidates` that reads and is a
+    checkpoint; each one skipped goes to ``report(message)`` with the reason. Nothing is
+    deleted. No candidate at all, or none readable, is a UserError saying what to do."""
+    skipped = []
+    for path in resume_candidates(output_dir):
+        try:
+            return path, load_checkpoint(path, trust)
+        except UserError as error:
+            reason = str(error).removeprefix(f"--resume {path}: ")
+            skipped.append(f"{os.path.basename(path)} ({reason})")
+            if report:
+                report(f"--resume auto: skipped {path}: {reason}")
+    directory = checkpoint_dir(output_dir)
+    if not skipped:
+        raise UserError(f"--resume auto: no checkpoint in {directory} (no epoch_N.pd or "
+                        f"{LATEST}); start without --resume, or pass --resume PATH")
+    raise UserError(f"--resume auto: none of the {len(skipped)} checkpoint(s) in {directory} "
+                    f"can be resumed ({'; '.join(skipped)}); start afresh with "
+                    f"--archive-old-run (moves them to previous_runs/), or pass --resume PATH")
+
+
+def check_not_complete(state, path, epochs):
+    """Raise :class:`RunAlreadyComplete` when ``state`` has trained all ``epochs``."""
+    if int(state["epoch"]) >= epochs and not state.get("steps_in_epoch", 0):
+        raise RunAlreadyComplete(f"{path}: already complete: {int(state['epoch'])} epochs; "
+                                 f"pass -o epochs=M to train longer")
 
 
 def load_checkpoint(path, trust=False):
@@ -241,6 +303,15 @@ def load_checkpoint(path, trust=False):
     if state.get("version", 0) > VERSION:
         raise UserError(f"--resume {path}: checkpoint version {state['version']} is newer than "
                         f"this code reads ({VERSION}); update PASSL")
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise UserError(f"--resume {path}: checkpoint without {', '.join(missing)}; it was cut "
+                        f"short or edited, resume from another checkpoint")
+    if not all(isinstance(state[key], numbers.Integral) and state[key] >= 0
+               for key in ("epoch", "iter")):
+        raise UserError(f"--resume {path}: checkpoint epoch/iter are not counts "
+                        f"({state['epoch']!r}, {state['iter']!r}); resume from another "
+                        f"checkpoint")
     return state
 
 

@@ -249,8 +249,12 @@ class Trainer:
     def _load_resume_checkpoint(self, resume):
         """``(path, state)`` of ``--resume``, read before the loaders are built: resuming with
         another number of processes may change the per-process batch (world_change.py)."""
-        path = checkpoint.resolve_resume_path(resume, self.output_dir)
-        state = checkpoint.load_checkpoint(path, trust=self.trust_file)
+        if resume == "auto":
+            path, state = checkpoint.find_resume_checkpoint(self.output_dir, self.trust_file,
+                                                            report=self.logger.warning)
+        else:
+            path, state = resume, checkpoint.load_checkpoint(resume, trust=self.trust_file)
+        checkpoint.check_not_complete(state, path, self.epochs)
         world_change.adapt_config(self.cfg, state, self.world_size, path, self.logger)
         return path, state
 
