@@ -180,3 +180,31 @@ def test_concurrent_writers_of_one_path_never_clash(tmp_path):
     state = paddle.load(ckpt_path, return_numpy=True)
     np.testing.assert_array_equal(state["w"], arrays[int(state["epoch"])])
     assert sorted(os.listdir(tmp_path)) == ["config.yaml", "epoch_1.pd"]  # no temporary left
+
+
+@pytest.mark.slow  # two launches of two Paddle processes each, ~1 min
+def test_two_launched_runs_into_one_folder_one_runs(tmp_path):
+    """Under paddle.distributed.launch every process of the refused run stops with the
+    holder line (process 0 holds the lock for all of its run's processes)."""
+    go = tmp_path / "go"
+    cfg = write_config(toy_config(tmp_path / "run", epochs=1, batch_size=4,
+                                  hooks=[{"name": "ToyEngineWaitFor", "path": str(go)}]),
+                       tmp_path / "cfg.yaml")
+    runs = [subprocess.Popen([sys.executable, "-m", "paddle.distributed.launch",
+                              "--nproc_per_node", "2", "--log_dir", str(tmp_path / f"log{i}"),
+                              CLI, "-c", cfg], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for i in range(2)]
+    deadline = time.time() + 400
+    while all(run.poll() is None for run in runs) and time.time() < deadline:
+        time.sleep(0.2)
+    go.write_text("")
+    codes = [run.wait(timeout=400) for run in runs]
+    assert sorted(code == 0 for code in codes) == [False, True], codes
+    refused = codes.index(next(code for code in codes if code != 0))
+    for rank in (0, 1):
+        with open(tmp_path / f"log{refused}" / f"workerlog.{rank}") as f:
+            errors = [line for line in f.read().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(
+            f"error: output_dir {tmp_path / 'run'} is in use by another run "
+            f"({socket.gethostname()} PID "), (rank, errors)
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
