@@ -17,8 +17,8 @@ from passl.deploy.engine import ModelFeatures, save_static
 from passl.deploy.export import ClassifierLogits
 from passl.deploy.predict import Predictor
 from passl.errors import UserError
-from passl.io.inference_model import (EXPORTED_OPS, META_FILE, check_graph, graph_operators,
-                                      model_prefix, write_meta)
+from passl.io.inference_model import (EXPORTED_OPS, META_FILE, check_graph, file_sha256,
+                                      graph_operators, model_prefix, write_meta)
 from passl.models import MODELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +75,17 @@ def exports(tmp_path_factory):
             "images": str(images)}
 
 
+def restamp(directory):
+    """Put the files' new sha256 into inference.yml, as whoever crafts a directory would."""
+    meta_path = os.path.join(directory, META_FILE)
+    with open(meta_path) as f:
+        meta = yaml.safe_load(f)
+    meta["sha256"] = {name: file_sha256(os.path.join(directory, name)) for name in meta["sha256"]}
+    with open(meta_path, "w") as f:
+        yaml.safe_dump(meta, f)
+    return str(directory)
+
+
 def with_save_op(legacy_dir, target, tmp_path):
     """A copy of ``legacy_dir`` whose graph ends in a ``save`` op that writes a weight of
     the model to ``target`` (the attack: a .pth file in a site-packages runs at Python's
@@ -96,7 +107,7 @@ def with_save_op(legacy_dir, target, tmp_path):
     overwrite = op.attrs.add()
     overwrite.name, overwrite.type, overwrite.b = "overwrite", framework_pb2.BOOLEAN, True
     graph.write_bytes(program.SerializeToString())
-    return str(evil)
+    return restamp(evil)
 
 
 def test_every_exportable_model_uses_only_the_allowed_operators(tmp_path):
@@ -152,7 +163,21 @@ def rewrite_first_op(pir_dir, tmp_path, new_name, old_name="1.relu"):
     shutil.copytree(pir_dir, copy)
     text = (copy / "model.json").read_text()
     (copy / "model.json").write_text(text.replace(f'"#":"{old_name}"', f'"#":"{new_name}"', 1))
-    return str(copy)
+    return restamp(copy)
+
+
+def test_a_changed_graph_or_weights_file_is_named(exports, tmp_path):
+    for name in ("model.json", "model.pdiparams"):
+        copy = tmp_path / name
+        shutil.copytree(exports["pir"], copy)
+        data = bytearray((copy / name).read_bytes())
+        data[len(data) // 2] ^= 1
+        (copy / name).write_bytes(bytes(data))
+        with pytest.raises(UserError) as error:
+            Predictor(str(copy))
+        assert str(error.value) == (f"{copy / name}: differs from the file exported (sha256 in "
+                                    f"{META_FILE}); a damaged or edited copy: copy or export the "
+                                    f"model again")
 
 
 def test_pir_graphs_are_read_as_data_and_unknown_ops_named(exports, tmp_path, capsys):

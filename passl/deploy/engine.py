@@ -75,7 +75,12 @@ class InferenceEngine:
                     config.enable_onednn_bfloat16()
             else:
                 config.disable_onednn()
-        self.predictor = paddle.inference.create_predictor(config)
+        try:
+            self.predictor = paddle.inference.create_predictor(config)
+        except Exception as e:  # noqa: BLE001 - Paddle's C++ errors arrive as several types
+            raise UserError(f"{graph_file}: Paddle Inference cannot load this model "
+                            f"({_first_line(e)}); export it again") from None
+        self.graph_file = graph_file
         self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
         self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
 
@@ -84,8 +89,20 @@ class InferenceEngine:
         images = np.ascontiguousarray(images, dtype=np.float32)
         self.input.reshape(list(images.shape))
         self.input.copy_from_cpu(images)
-        self.predictor.run()
+        try:
+            self.predictor.run()
+        except Exception as e:  # noqa: BLE001 - as in __init__
+            raise UserError(f"{self.graph_file}: Paddle Inference failed on a batch of shape "
+                            f"{list(images.shape)} ({_first_line(e)}); export the model "
+                            f"again") from None
         return self.output.copy_to_cpu()
+
+
+def _first_line(error):
+    """The first non-empty line of a Paddle error (they run to dozens of lines of C++
+    stack), shortened."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 class ModelFeatures(paddle.nn.Layer):

@@ -14,6 +14,9 @@ reads, one directory::
         transforms: [...]              passl.data.transforms blocks, applied to HWC uint8 RGB
                                        images and ending in a float32 CHW array of the input size
         class_names: [...]             index -> name (absent when the training set had none)
+        sha256: {model.json: ..., model.pdiparams: ...}   the files as exported; predict
+                                       refuses a graph or weights file that differs (a damaged
+                                       copy); exports without it are read as before
 
 The transforms are the training config's ``dataloader.val.dataset.transforms`` (what
 ``--evaluate-only`` feeds the model), so the exported model sees exactly those pixels.
@@ -25,6 +28,7 @@ nothing executed) and refuses every operator outside the set our exporter writes
 :func:`read_model_dir` checks ``inference.yml``'s values against bounds before anything is
 allocated from them.
 """
+import hashlib
 import json
 import os
 
@@ -82,10 +86,39 @@ def write_meta(directory, output, input_shape, transforms, class_names=None, inp
             "transforms": list(transforms)}
     if class_names is not None:
         meta["class_names"] = [str(name) for name in class_names]
+    meta["sha256"] = {name: file_sha256(os.path.join(directory, name))
+                      for name in sorted(os.listdir(directory))
+                      if name != META_FILE and os.path.isfile(os.path.join(directory, name))}
     path = os.path.join(directory, META_FILE)
     with open(path, "w") as f:
         yaml.safe_dump(meta, f, sort_keys=False, default_flow_style=None)
     return path
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sums(sums, paths, meta_path):
+    """The graph and weights files are the ones exported: their sha256 is the one
+    ``inference.yml`` lists (when it lists any: older exports do not)."""
+    if sums is None:
+        return
+    if not (isinstance(sums, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in sums.items())):
+        raise UserError(f"{meta_path}: sha256 must map file names to hex digests; re-export "
+                        f"the model")
+    for path in paths:
+        name = os.path.basename(path)
+        if name not in sums:
+            raise UserError(f"{meta_path}: sha256 does not list {name}; re-export the model")
+        if file_sha256(path) != sums[name]:
+            raise UserError(f"{path}: differs from the file exported (sha256 in {META_FILE}); "
+                            f"a damaged or edited copy: copy or export the model again")
 
 
 def _pir_operators(graph_file, data):
@@ -233,6 +266,7 @@ def read_model_dir(directory):
                                   and all(isinstance(n, str) for n in names)):
         raise UserError(f"{meta_path}: class_names must be a list of strings; re-export the "
                         f"model")
+    _check_sums(meta.get("sha256"), (graph, params), meta_path)
     return graph, params, meta
 
 
