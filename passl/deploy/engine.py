@@ -81,8 +81,12 @@ class InferenceEngine:
             raise UserError(f"{graph_file}: Paddle Inference cannot load this model "
                             f"({_first_line(e)}); export it again") from None
         self.graph_file = graph_file
-        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
-        self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+        inputs, outputs = self.predictor.get_input_names(), self.predictor.get_output_names()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise UserError(f"{graph_file}: {len(inputs)} input(s) and {len(outputs)} "
+                            f"output(s); the toolkit runs models with one of each")
+        self.input = self.predictor.get_input_handle(inputs[0])
+        self.output = self.predictor.get_output_handle(outputs[0])
 
     def __call__(self, images):
         """Outputs ``[B, ...]`` (NumPy float32) of an NCHW float32 batch."""

@@ -151,8 +151,8 @@ def _pir_full_name(name):
     return f"{_PIR_DIALECTS.get(dialect, dialect)}.{op}" if dot else name
 
 
-def _legacy_operators(graph_file, data):
-    """Operator types of a protobuf ProgramDesc (``.pdmodel``), every block."""
+def _legacy_program(graph_file, data):
+    """A protobuf ProgramDesc (``.pdmodel``), parsed (nothing of it runs)."""
     from google.protobuf.message import DecodeError
     from paddle.base.proto import framework_pb2
     try:
@@ -160,19 +160,79 @@ def _legacy_operators(graph_file, data):
     except (DecodeError, RecursionError, ValueError) as e:
         raise UserError(f"{graph_file}: not a Paddle program ({type(e).__name__}); re-export "
                         f"the model") from None
-    return [op.type for block in program.blocks for op in block.ops]
+    return program
+
+
+def _pir_dataflow_problem(program):
+    """What makes a PIR program other than the straight line of operators our exporter
+    writes (one block; each value defined once, before it is used; one input, one output),
+    or None. Paddle crashes on some such programs instead of refusing them."""
+    regions = program.get("program", {}).get("regions") if isinstance(
+        program.get("program"), dict) else None
+    if not (isinstance(regions, list) and len(regions) == 1 and isinstance(regions[0], dict)
+            and isinstance(regions[0].get("blocks"), list) and len(regions[0]["blocks"]) == 1
+            and isinstance(regions[0]["blocks"][0], dict)
+            and isinstance(regions[0]["blocks"][0].get("ops"), list)):
+        return "not one block of operators"
+    defined, ends = set(), {"1.data": 0, "1.fetch": 0}
+    for op in regions[0]["blocks"][0]["ops"]:
+        if "regions" in op:
+            return f"operator {_pir_full_name(op['#'])!r} holds nested blocks"
+        outputs = op.get("O", [])
+        outputs = [outputs] if isinstance(outputs, dict) else outputs
+        values = [(v, "input") for v in op.get("I", [])] + [(v, "output") for v in outputs]
+        for value, role in values:
+            number = value.get("%") if isinstance(value, dict) else None
+            if not isinstance(number, int) or isinstance(number, bool):
+                return f"operator {_pir_full_name(op['#'])!r} has a malformed {role}"
+            if (role == "input") != (number in defined):
+                return (f"operator {_pir_full_name(op['#'])!r} uses value %{number} before it "
+                        f"is defined" if role == "input" else f"value %{number} is defined twice")
+            defined.add(number)
+        if op["#"] in ends:
+            ends[op["#"]] += 1
+    if list(ends.values()) != [1, 1]:
+        return f"{ends['1.data']} input(s) and {ends['1.fetch']} output(s), not one each"
+    return None
+
+
+def _legacy_dataflow_problem(program):
+    """As :func:`_pir_dataflow_problem` for a protobuf program: one block, every variable an
+    operator reads or writes declared, one feed and one fetch."""
+    if len(program.blocks) != 1:
+        return "not one block of operators"
+    block = program.blocks[0]
+    declared = {var.name for var in block.vars}
+    for op in block.ops:
+        for slot in list(op.inputs) + list(op.outputs):
+            unknown = [name for name in slot.arguments if name not in declared]
+            if unknown:
+                return f"operator {op.type!r} uses undeclared variable {unknown[0]!r}"
+    types = [op.type for op in block.ops]
+    if (types.count("feed"), types.count("fetch")) != (1, 1):
+        return (f"{types.count('feed')} input(s) and {types.count('fetch')} output(s), not one "
+                f"each")
+    return None
 
 
 def graph_operators(graph_file):
     """``(format, operator names)`` of a static graph file, read as data: ``pir`` for the
     JSON ``paddle.jit.save`` writes in Paddle 3, ``legacy`` for a protobuf ``.pdmodel``."""
+    kind, names, _ = _read_graph(graph_file)
+    return kind, names
+
+
+def _read_graph(graph_file):
+    """``(format, operator names, what breaks the straight-line shape or None)``."""
     try:
         with open(graph_file, "rb") as f:
             data = f.read()
     except OSError as e:
         raise UserError(f"{graph_file}: cannot read ({e.strerror or e})") from None
     if not graph_file.endswith(".json"):
-        return "legacy", _legacy_operators(graph_file, data)
+        program = _legacy_program(graph_file, data)
+        return ("legacy", [op.type for block in program.blocks for op in block.ops],
+                _legacy_dataflow_problem(program))
     try:
         program = json.loads(data)
     except (ValueError, RecursionError) as e:
@@ -181,15 +241,18 @@ def graph_operators(graph_file):
     if not isinstance(program, dict) or "program" not in program:
         raise UserError(f"{graph_file}: not a Paddle program (no 'program' key); re-export the "
                         f"model")
-    return "pir", _pir_operators(graph_file, program)
+    names = _pir_operators(graph_file, program)
+    return "pir", names, _pir_dataflow_problem(program)
 
 
 def check_graph(graph_file, trust=False):
     """Refuse a graph that could do more than compute: one UserError naming the first
     operator outside :data:`EXPORTED_OPS` (any operator in :data:`IO_OPS`, whatever
-    ``trust`` says). ``trust`` (``--trust-model``) lets other operators through, for a model
-    made by another tool. Nothing of the graph runs here."""
-    kind, names = graph_operators(graph_file)
+    ``trust`` says), or what makes it other than a straight line of them (a value used
+    before it is defined, nested blocks, not one input and one output). ``trust``
+    (``--trust-model``) lets other graphs through, for a model made by another tool. Nothing
+    of the graph runs here."""
+    kind, names, problem = _read_graph(graph_file)
     for name in names:
         if name.rpartition(".")[2] in IO_OPS:
             raise UserError(f"{graph_file}: operator {name!r} reads or writes files, prints or "
@@ -204,6 +267,10 @@ def check_graph(graph_file, trust=False):
                             f"writes, so this model is not run; re-export it with "
                             f"tools/export_model.py, or pass --trust-model if you trust who "
                             f"made it")
+    if problem:
+        raise UserError(f"{graph_file}: {problem}, unlike every graph tools/export_model.py "
+                        f"writes, so this model is not run; re-export it, or pass "
+                        f"--trust-model if you trust who made it")
 
 
 def _graph_file(directory):
