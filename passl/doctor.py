@@ -186,6 +186,7 @@ def resumed_step_gap(cfg, place):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "epoch_1.pd")
         checkpoint.write_atomic({"kind": checkpoint.KIND, "version": checkpoint.VERSION,
+                                 "epoch": 1, "iter": 1, "lr_scheduler": {}, "per_rank": [],
                                  "model": model.state_dict(),
                                  "optimizer": checkpoint.optimizer_state(optimizer, model),
                                  "amp_scaler": amp.state_dict(), "rng": checkpoint.rng_state()},

@@ -47,7 +47,7 @@ OUTPUTS = ("features", "logits")
 
 #: Operators tools/export_model.py writes for every model it can export (a ResNet trunk,
 #: NCHW or NHWC, any stem and pool size; features or features + linear classifier), by
-#: graph format. tests/test_deploy.py exports each variant and checks it stays inside.
+#: graph format. tests/test_model_dir_safety.py exports each variant and checks it stays inside.
 EXPORTED_OPS = {
     "pir": frozenset({"builtin.parameter", "pd_op.data", "pd_op.fetch", "pd_op.conv2d",
                       "pd_op.batch_norm_", "pd_op.relu", "pd_op.add",
