@@ -21,6 +21,7 @@ COMPARED = ("type", "epoch", "iter", "loss", "lr", "abs_out", "top1")
 
 def state(epoch):
     return {"kind": checkpoint.KIND, "version": checkpoint.VERSION, "epoch": epoch,
+            "iter": epoch, "model": {}, "optimizer": {}, "lr_scheduler": {}, "per_rank": [],
             "weights": paddle.full([3], float(epoch))}
 
 
@@ -54,6 +55,9 @@ def test_keep_last_prunes_the_oldest_of_this_run(tmp_path):
     ({"linear.weight": np.ones(2, "float32")}, "a weights file, not a training checkpoint"),
     ({"kind": "something-else", "model": {}}, "checkpoint kind 'something-else'"),
     ({"kind": checkpoint.KIND, "version": checkpoint.VERSION + 1}, "newer than this code"),
+    ({"kind": checkpoint.KIND, "version": checkpoint.VERSION, "epoch": 1},
+     "checkpoint without iter, model, optimizer, lr_scheduler, per_rank; it was cut short"),
+    ({**state(1), "epoch": -1}, r"epoch/iter are not counts \(-1, 1\)"),
 ])
 def test_resume_errors_are_one_clear_line(tmp_path, content, message):
     path = tmp_path / "ckpt.pd"
