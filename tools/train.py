@@ -3,7 +3,7 @@
 examples:
     python tools/train.py -c configs/swav/swav_r18_digits.yaml [-o key.path=value ...]
     python -m paddle.distributed.launch --nproc_per_node 2 tools/train.py -c CFG
-    python tools/train.py -c CFG --resume auto            # latest checkpoint in output_dir
+    python tools/train.py -c CFG --resume auto            # newest readable checkpoint in output_dir
     python tools/train.py -c CLS_CFG --pretrained backbone.pdparams
     python tools/train.py -c CLS_CFG --load CKPT --evaluate-only
 
@@ -27,7 +27,8 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__)
     add_config_arguments(parser)
     parser.add_argument("--resume", metavar="PATH|auto",
-                        help="continue from a checkpoint, or 'auto' for the latest in output_dir")
+                        help="continue from a checkpoint, or 'auto' for the newest readable one in "
+                             "output_dir")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="backbone weights (.pdparams) to start from")
     parser.add_argument("--pretrained-nonstrict", action="store_true",
