@@ -12,7 +12,8 @@ What each case must end in:
 Never a Python traceback, a crash of the worker, or more than the memory bound.
 The mutations are plain seeded ``random`` edits (byte flips, truncations, operator renames,
 deletions and duplications, attribute and YAML value replacements); a few hundred run by
-default, ``-m slow`` runs thousands.
+default, ``-m slow`` runs thousands. ``PASSL_FUZZ_KEEP=DIR`` keeps a copy of each failing
+case there.
 """
 import json
 import os
@@ -230,6 +231,9 @@ def fuzz(bases, tmp_path, seed, cases):
             counts[answer["result"]] = counts.get(answer["result"], 0) + 1
             if answer["result"] not in allowed or answer.get("peak_rss_mb", 0) > MAX_RSS_MB:
                 failures.append((seed, case, description, answer))
+                if os.environ.get("PASSL_FUZZ_KEEP"):  # a folder to keep failing cases in
+                    shutil.copytree(directory, os.path.join(os.environ["PASSL_FUZZ_KEEP"],
+                                                            f"seed{seed}-case{case}"))
             shutil.rmtree(directory)
     finally:
         worker.close()

@@ -52,7 +52,8 @@ def export_dir(directory, legacy=False):
     """What tools/export_model.py writes for a (random) digits classifier: the graph in
     Paddle 3's JSON, or (``legacy``) an older Paddle's protobuf ``model.pdmodel``."""
     os.makedirs(directory)
-    layer = ClassifierLogits(classifier())
+    with paddle.utils.unique_name.guard():  # the same tensor names (and bytes) in any process
+        layer = ClassifierLogits(classifier())
     if legacy:
         with OldIrGuard():
             save_static(layer, model_prefix(directory), [-1, 3, 32, 32])

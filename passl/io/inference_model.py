@@ -231,8 +231,11 @@ def _read_graph(graph_file):
         raise UserError(f"{graph_file}: cannot read ({e.strerror or e})") from None
     if not graph_file.endswith(".json"):
         program = _legacy_program(graph_file, data)
-        return ("legacy", [op.type for block in program.blocks for op in block.ops],
-                _legacy_dataflow_problem(program))
+        names = [op.type for block in program.blocks for op in block.ops]
+        if not all(isinstance(name, str) for name in names):  # not UTF-8 in the file
+            raise UserError(f"{graph_file}: an operator name that is not text; not a Paddle "
+                            f"program; re-export the model")
+        return "legacy", names, _legacy_dataflow_problem(program)
     try:
         program = json.loads(data)
     except (ValueError, RecursionError) as e:
