@@ -265,3 +265,28 @@ def test_our_exports_predict_as_before(exports, capsys):
         raw.run()
         expected = raw.get_output_handle(raw.get_output_names()[0]).copy_to_cpu()
         np.testing.assert_array_equal(logits, expected)
+
+
+def test_graphs_wired_unlike_an_export_are_refused_before_paddle_reads_them(exports, tmp_path):
+    """Paddle Inference crashes (SIGSEGV) on such graphs instead of refusing them: a
+    convolution without its filter, a value used after the op defining it was deleted."""
+    with open(os.path.join(exports["pir"], "model.json")) as f:
+        program = json.load(f)
+
+    def drop_filter(ops):
+        next(op for op in ops if op["#"] == "1.conv2d")["I"].pop()
+
+    def delete_add(ops):
+        ops.remove(next(op for op in ops if op["#"] == "1.add"))
+
+    cases = {"conv2d without its filter": (drop_filter,
+                                           "operator 'pd_op.conv2d' is wired with other inputs"),
+             "a deleted op": (delete_add, "uses value %")}
+    for name, (edit, message) in cases.items():
+        edited = json.loads(json.dumps(program))
+        edit(edited["program"]["regions"][0]["blocks"][0]["ops"])
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(edited))
+        with pytest.raises(UserError, match=message):
+            check_graph(str(path))
+        check_graph(str(path), trust=True)  # --trust-model leaves it to Paddle

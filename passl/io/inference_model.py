@@ -47,14 +47,25 @@ OUTPUTS = ("features", "logits")
 
 #: Operators tools/export_model.py writes for every model it can export (a ResNet trunk,
 #: NCHW or NHWC, any stem and pool size; features or features + linear classifier), by
-#: graph format. tests/test_model_dir_safety.py exports each variant and checks it stays inside.
+#: graph format, with the inputs and outputs each takes: a count of each for PIR, the
+#: arguments per slot for the older protobuf graphs. Paddle crashes on some operators wired
+#: otherwise (e.g. a convolution without its filter) instead of refusing them.
+#: tests/test_model_dir_safety.py exports each variant and checks it stays inside.
+_ONE_IN_OUT = ({"X": 1}, {"Out": 1})
 EXPORTED_OPS = {
-    "pir": frozenset({"builtin.parameter", "pd_op.data", "pd_op.fetch", "pd_op.conv2d",
-                      "pd_op.batch_norm_", "pd_op.relu", "pd_op.add",
-                      "pd_op.pool2d", "pd_op.full_int_array", "pd_op.flatten",
-                      "pd_op.matmul", "pd_op.transpose"}),
-    "legacy": frozenset({"feed", "fetch", "conv2d", "batch_norm", "relu", "elementwise_add",
-                         "pool2d", "flatten_contiguous_range", "matmul_v2", "transpose2"}),
+    "pir": {"builtin.parameter": (0, 1), "pd_op.data": (0, 1), "pd_op.fetch": (1, 1),
+            "pd_op.conv2d": (2, 1), "pd_op.batch_norm_": (5, 6), "pd_op.relu": (1, 1),
+            "pd_op.add": (2, 1), "pd_op.pool2d": (2, 1), "pd_op.full_int_array": (0, 1),
+            "pd_op.flatten": (1, 1), "pd_op.matmul": (2, 1), "pd_op.transpose": (1, 1)},
+    "legacy": {"feed": _ONE_IN_OUT, "fetch": _ONE_IN_OUT, "relu": _ONE_IN_OUT,
+               "pool2d": _ONE_IN_OUT, "flatten_contiguous_range": _ONE_IN_OUT,
+               "transpose2": _ONE_IN_OUT, "conv2d": ({"Input": 1, "Filter": 1}, {"Output": 1}),
+               "elementwise_add": ({"X": 1, "Y": 1}, {"Out": 1}),
+               "matmul_v2": ({"X": 1, "Y": 1}, {"Out": 1}),
+               "batch_norm": ({"X": 1, "Scale": 1, "Bias": 1, "Mean": 1, "Variance": 1,
+                               "MomentumTensor": 0},
+                              {"Y": 1, "MeanOut": 1, "VarianceOut": 1, "SavedMean": 1,
+                               "SavedVariance": 1})},
 }
 #: Operators that touch files, the console, the network or run Python: refused in every
 #: graph, also under ``--trust-model`` (matched on the name after the dialect prefix).
@@ -178,9 +189,13 @@ def _pir_dataflow_problem(program):
     for op in regions[0]["blocks"][0]["ops"]:
         if "regions" in op:
             return f"operator {_pir_full_name(op['#'])!r} holds nested blocks"
-        outputs = op.get("O", [])
+        inputs, outputs = op.get("I", []), op.get("O", [])
         outputs = [outputs] if isinstance(outputs, dict) else outputs
-        values = [(v, "input") for v in op.get("I", [])] + [(v, "output") for v in outputs]
+        name = _pir_full_name(op["#"])
+        if not (isinstance(inputs, list) and isinstance(outputs, list)) \
+                or (len(inputs), len(outputs)) != EXPORTED_OPS["pir"].get(name, (-1, -1)):
+            return f"operator {name!r} is wired with other inputs or outputs"
+        values = [(v, "input") for v in inputs] + [(v, "output") for v in outputs]
         for value, role in values:
             number = value.get("%") if isinstance(value, dict) else None
             if not isinstance(number, int) or isinstance(number, bool):
@@ -204,6 +219,11 @@ def _legacy_dataflow_problem(program):
     block = program.blocks[0]
     declared = {var.name for var in block.vars}
     for op in block.ops:
+        wiring = [sorted((slot.parameter, len(slot.arguments)) for slot in slots)
+                  for slots in (op.inputs, op.outputs)]
+        expected = EXPORTED_OPS["legacy"].get(op.type, ({}, {}))
+        if wiring != [sorted(counts.items()) for counts in expected]:
+            return f"operator {op.type!r} is wired with other inputs or outputs"
         for slot in list(op.inputs) + list(op.outputs):
             unknown = [name for name in slot.arguments if name not in declared]
             if unknown:
