@@ -46,10 +46,16 @@ DEFAULT_HOOKS = ("CheckpointHook", "LoggerHook", "HealthHook")
 class Trainer:
     """Train (or evaluate) the config's model; one code path for CPU/GPU and 1..N processes.
 
+    The run holds ``output_dir/run.lock`` from construction until :meth:`train` or
+    :meth:`evaluate` returns (:mod:`passl.engine.run_lock`).
+
     Args:
         cfg: the loaded config (:func:`passl.config.load_config`).
-        resume: a checkpoint path, or ``'auto'`` for ``output_dir/checkpoints/latest.pd``;
+        resume: a checkpoint path, or ``'auto'`` for the newest readable checkpoint in
+            ``output_dir/checkpoints`` (:func:`~passl.engine.checkpoint.find_resume_checkpoint`);
             restores model, optimizer, schedule, AMP scaler, hook states, RNG and position.
+            A checkpoint that trained all ``epochs`` raises
+            :class:`~passl.engine.checkpoint.RunAlreadyComplete`.
         pretrained: a weights file loaded into ``model.backbone`` (a linear evaluation).
         load: a checkpoint (or model state dict) loaded into the whole model.
         pretrained_strict: refuse pretrained weights that do not fit the backbone exactly
