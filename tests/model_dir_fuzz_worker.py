@@ -2,10 +2,11 @@
 child forked for it (a crash ends that child, not the test run, and no case sees what an
 earlier one left in Paddle's memory).
 
-argv: IMAGES_DIR REFERENCE.npy. Each stdin line is a directory; each answer one JSON line:
-``fuzz-answer: {"result": "equal" | "different" | "error" | "exception", "detail": ...}``. The address
-space is capped so that a case asking for gigabytes fails here instead of swapping the
-machine.
+argv: IMAGES_DIR REFERENCE.npy. Each stdin line is a directory; each answer one line
+``fuzz-answer: {"result": ..., "detail": ...}``, the result ``equal``, ``different`` (from
+REFERENCE.npy), ``error`` (one UserError line), ``exception`` (anything else) or ``crash``
+(the child was killed by a signal). The child's address space is capped so that a case
+asking for gigabytes fails there instead of swapping the machine.
 """
 import json
 import os

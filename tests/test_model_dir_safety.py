@@ -120,7 +120,8 @@ def test_every_exportable_model_uses_only_the_allowed_operators(tmp_path):
     seen = {"pir": set(), "legacy": set()}
     for i, overrides in enumerate(variants):
         model = classifier(overrides)
-        for what, layer in (("features", ModelFeatures(model)), ("logits", ClassifierLogits(model))):
+        layers = (("features", ModelFeatures(model)), ("logits", ClassifierLogits(model)))
+        for what, layer in layers:
             for legacy in (False, True):
                 prefix = str(tmp_path / f"{i}{what}{legacy}" / "model")
                 with OldIrGuard() if legacy else paddle.no_grad():
