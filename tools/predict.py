@@ -7,6 +7,10 @@ A classifier export prints one line per image: the file, then the top-k class na
 their probabilities. --features OUT.npy writes the model's outputs instead (pooled features
 for a backbone export, logits for a classifier), one float32 row per image, and the image
 paths in row order to OUT.txt. Unreadable images are reported by name and skipped.
+
+A model directory is a program: its graph runs only when every operator in it is one
+export_model.py writes (--trust-model for a model made elsewhere; operators that touch files
+are refused always), and inference.yml is checked before anything is allocated from it.
 """
 import os
 import sys
