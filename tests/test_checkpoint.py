@@ -57,6 +57,9 @@ def test_keep_last_prunes_the_oldest_of_this_run(tmp_path):
     ({"linear.weight": np.ones(2, "float32")}, "a weights file, not a training checkpoint"),
     ({"kind": "something-else", "model": {}}, "checkpoint kind 'something-else'"),
     ({"kind": checkpoint.KIND, "version": checkpoint.VERSION + 1}, "newer than this code"),
+    ({"kind": checkpoint.KIND, "version": checkpoint.VERSION, "epoch": 1},
+     r"the checkpoint has no 'model' \(damaged, or not written by tools/train.py\)"),
+    ({**state(1), "epoch": -1}, r"the checkpoint's 'epoch' is -1, expected a count"),
 ])
 def test_resume_errors_are_one_clear_line(tmp_path, content, message):
     path = tmp_path / "ckpt.pd"

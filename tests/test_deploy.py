@@ -285,6 +285,7 @@ def test_a_gpu_predictor_runs_on_the_card_the_launcher_selected(monkeypatch):
     monkeypatch.setattr(paddle.base.core, "is_compiled_with_cuda", lambda: True)
     monkeypatch.setenv("FLAGS_selected_gpus", "4")
     monkeypatch.setenv("PADDLE_LOCAL_RANK", "0")
+    monkeypatch.setattr(deploy_engine, "check_graph", lambda graph, trust=False: None)
     assert InferenceEngine("model.json", "model.pdiparams", device="gpu").device == "gpu"
     assert cards == [4]
 

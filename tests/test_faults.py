@@ -102,7 +102,7 @@ def test_sigterm_mid_epoch_saves_and_resume_auto_matches_the_uninterrupted_run(t
 def test_a_mid_epoch_checkpoint_refuses_another_layout(tmp_path):
     cfg_path, _ = toy_run(tmp_path, "stopped", hooks=[signal_hook(1, 1, "SIGTERM")])
     assert run_cli(cfg_path).returncode == STOPPED_STATUS
-    saved = os.path.join(str(tmp_path / "stopped"), "checkpoints", "latest.pd")
+    saved = os.path.join(str(tmp_path / "stopped"), "checkpoints", "epoch_2_step_2.pd")
     other_batch = run_cli(cfg_path, "--resume", "auto", "-o", "dataloader.train.sampler.batch_size=4")
     assert other_batch.returncode == 2 and "Traceback" not in other_batch.stderr
     assert error_line(other_batch.stderr) == (

@@ -240,3 +240,18 @@ def force_float16_scaler(monkeypatch):
     build = MixedPrecision.__init__
     monkeypatch.setattr(MixedPrecision, "__init__",
                         lambda self, cfg, device: build(self, cfg, "gpu"))
+
+
+@HOOKS.register("ToyEngineWaitFor")
+class ToyEngineWaitFor(Hook):
+    """Holds the run in ``before_run`` (its output_dir locked) until the file ``path`` exists,
+    so a test can start a second run against it."""
+
+    def __init__(self, path, timeout=120):
+        self.path, self.timeout = path, timeout
+
+    def before_run(self, trainer):
+        import time
+        deadline = time.time() + self.timeout
+        while not os.path.exists(self.path) and time.time() < deadline:
+            time.sleep(0.05)

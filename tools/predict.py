@@ -8,6 +8,10 @@ with onnxruntime; the output is the same. A classifier export prints one line pe
 their probabilities. --features OUT.npy writes the model's outputs instead (pooled features
 for a backbone export, logits for a classifier), one float32 row per image, and the image
 paths in row order to OUT.txt. Unreadable images are reported by name and skipped.
+
+A model directory is a program: its graph runs only when every operator in it is one
+export_model.py writes (--trust-model for a model made elsewhere; operators that touch files
+are refused always), and inference.yml is checked before anything is allocated from it.
 """
 import os
 import sys
@@ -34,6 +38,11 @@ def parse_args(argv):
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"),
                         help="bfloat16: oneDNN on CPUs with AVX512-BF16, ~2x faster, "
                              "~1e-2 relative error (default float32)")
+    parser.add_argument("--trust-model", action="store_true",
+                        help="run a graph with operators tools/export_model.py does not write "
+                             "(a model made elsewhere): it runs with your rights, so only for "
+                             "a source you trust; operators that read or write files stay "
+                             "refused")
     return parser.parse_args(argv)
 
 
@@ -48,8 +57,11 @@ def main(argv=None):
     from passl.runtime import configure_cpu_threads
     configure_cpu_threads()
     from passl.deploy.predict import Predictor, list_images, write_features
+    if args.trust_model:
+        print(f"warning: --trust-model: running the graph in {args.model_dir} without checking "
+              f"its operators; it runs with your rights", file=sys.stderr, flush=True)
     predictor = Predictor(args.model_dir, device=args.device, batch_size=args.batch_size,
-                          precision=args.precision)
+                          precision=args.precision, trust_model=args.trust_model)
     if predictor.meta["output"] == "features" and not args.features:
         raise UserError(f"model dir {args.model_dir}: this export outputs features, not "
                         f"classes; pass --features OUT.npy to write them")

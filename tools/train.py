@@ -3,7 +3,7 @@
 examples:
     python tools/train.py -c configs/swav/swav_r18_digits.yaml [-o key.path=value ...]
     python -m paddle.distributed.launch --nproc_per_node 2 tools/train.py -c CFG
-    python tools/train.py -c CFG --resume auto            # latest checkpoint in output_dir
+    python tools/train.py -c CFG --resume auto            # newest readable checkpoint in output_dir
     python tools/train.py -c CLS_CFG --pretrained backbone.pdparams
     python tools/train.py -c CLS_CFG --load CKPT --evaluate-only
 
@@ -27,7 +27,8 @@ def parse_args(argv):
     parser = ArgumentParser(description=__doc__)
     add_config_arguments(parser)
     parser.add_argument("--resume", metavar="PATH|auto",
-                        help="continue from a checkpoint, or 'auto' for the latest in output_dir")
+                        help="continue from a checkpoint, or 'auto' for the newest readable one in "
+                             "output_dir")
     parser.add_argument("--pretrained", metavar="PATH",
                         help="backbone weights (.pdparams) to start from")
     parser.add_argument("--pretrained-nonstrict", action="store_true",
@@ -73,6 +74,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
     cfg = load_run_config(args)  # loads Paddle, so the signal handlers below replace its own
+    from passl.io.checkpoint import RunAlreadyComplete
     from passl.engine.continuation import how_to_continue
     from passl.engine.trainer import Trainer
     from passl.preemption import interrupt_on_stop_signals
@@ -86,6 +88,9 @@ def main(argv=None):
             trainer.evaluate()
             return 0
         return train_until_stopped(trainer)
+    except RunAlreadyComplete as complete:  # nothing to do, and nothing written
+        print(complete)
+        return 0
     except KeyboardInterrupt:  # a second Ctrl-C: say what survives (run_cli prints it)
         if args.evaluate_only:
             raise

@@ -15,7 +15,7 @@ import numpy as np
 import paddle
 
 from passl.errors import UserError
-from passl.io.inference_model import model_prefix
+from passl.io.inference_model import check_graph, model_prefix
 from passl.runtime import has_gpu, launcher_card, threads_per_process
 
 PRECISIONS = ("float32", "bfloat16")
@@ -43,10 +43,14 @@ class InferenceEngine:
             :func:`passl.runtime.threads_per_process`).
         onednn: use oneDNN kernels on CPU (Paddle's default; ``False`` for the plain CPU path).
         precision: ``float32`` or ``bfloat16`` (oneDNN on CPU only).
+        trust_model: run operators our exporter does not write (``--trust-model``); by
+            default the graph is refused unless :func:`~passl.io.inference_model.check_graph`
+            passes it, and operators that touch files are refused always.
     """
 
     def __init__(self, graph_file, params_file, device="auto", threads=None, onednn=True,
-                 precision="float32"):
+                 precision="float32", trust_model=False):
+        check_graph(graph_file, trust=trust_model)  # before Paddle reads a byte of it
         if device not in DEVICES:
             raise UserError(f"device: expected one of {', '.join(DEVICES)}, got {device!r}")
         if precision not in PRECISIONS:
@@ -71,17 +75,38 @@ class InferenceEngine:
                     config.enable_onednn_bfloat16()
             else:
                 config.disable_onednn()
-        self.predictor = paddle.inference.create_predictor(config)
-        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
-        self.output = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+        try:
+            self.predictor = paddle.inference.create_predictor(config)
+        except Exception as e:  # noqa: BLE001 - Paddle's C++ errors arrive as several types
+            raise UserError(f"{graph_file}: Paddle Inference cannot load this model "
+                            f"({_first_line(e)}); export it again") from None
+        self.graph_file = graph_file
+        inputs, outputs = self.predictor.get_input_names(), self.predictor.get_output_names()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise UserError(f"{graph_file}: {len(inputs)} input(s) and {len(outputs)} "
+                            f"output(s); the toolkit runs models with one of each")
+        self.input = self.predictor.get_input_handle(inputs[0])
+        self.output = self.predictor.get_output_handle(outputs[0])
 
     def __call__(self, images):
         """Outputs ``[B, ...]`` (NumPy float32) of an NCHW float32 batch."""
         images = np.ascontiguousarray(images, dtype=np.float32)
         self.input.reshape(list(images.shape))
         self.input.copy_from_cpu(images)
-        self.predictor.run()
+        try:
+            self.predictor.run()
+        except Exception as e:  # noqa: BLE001 - as in __init__
+            raise UserError(f"{self.graph_file}: Paddle Inference failed on a batch of shape "
+                            f"{list(images.shape)} ({_first_line(e)}); export the model "
+                            f"again") from None
         return self.output.copy_to_cpu()
+
+
+def _first_line(error):
+    """The first non-empty line of a Paddle error (they run to dozens of lines of C++
+    stack), shortened."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 class ModelFeatures(paddle.nn.Layer):

@@ -55,7 +55,8 @@ class Predictor:
     """An exported model directory, ready to run: its engine (Paddle Inference, or
     onnxruntime for an ONNX export) and its preprocessing."""
 
-    def __init__(self, model_dir, device="auto", batch_size=16, precision="float32"):
+    def __init__(self, model_dir, device="auto", batch_size=16, precision="float32",
+                 trust_model=False):
         if is_onnx_dir(model_dir):
             if precision != "float32":
                 raise UserError(f"--precision {precision}: an ONNX export runs in float32 "
@@ -65,7 +66,8 @@ class Predictor:
             self.engine = OnnxEngine(path, device=device)
         else:
             graph, params, self.meta = read_model_dir(model_dir)
-            self.engine = InferenceEngine(graph, params, device=device, precision=precision)
+            self.engine = InferenceEngine(graph, params, device=device, precision=precision,
+                                          trust_model=trust_model)
         self.input_shape = list(self.meta["input"]["shape"])
         fixed_batch = self.input_shape[0]
         self.batch_size = fixed_batch if fixed_batch > 0 else batch_size

@@ -25,6 +25,7 @@ from passl.data.device_input import batch_normalizer, check_shared_memory
 from passl.engine import run_dir, trainer_checkpoint, world_change
 from passl.engine.amp import MixedPrecision
 from passl.engine.hooks import HOOKS
+from passl.engine.run_lock import RunLock
 from passl.errors import ConfigError, UserError
 from passl.io import checkpoint
 from passl.io.metrics_log import MetricsLog
@@ -46,10 +47,16 @@ DEFAULT_HOOKS = ("CheckpointHook", "LoggerHook", "HealthHook")
 class Trainer:
     """Train (or evaluate) the config's model; one code path for CPU/GPU and 1..N processes.
 
+    The run holds ``output_dir/run.lock`` from construction until :meth:`train` or
+    :meth:`evaluate` returns (:mod:`passl.engine.run_lock`).
+
     Args:
         cfg: the loaded config (:func:`passl.config.load_config`).
-        resume: a checkpoint path, or ``'auto'`` for ``output_dir/checkpoints/latest.pd``;
+        resume: a checkpoint path, or ``'auto'`` for the newest readable checkpoint in
+            ``output_dir/checkpoints`` (:func:`~passl.io.checkpoint.find_resume_checkpoint`);
             restores model, optimizer, schedule, AMP scaler, hook states, RNG and position.
+            A checkpoint that trained all ``epochs`` raises
+            :class:`~passl.io.checkpoint.RunAlreadyComplete`.
         pretrained: a weights file loaded into ``model.backbone`` (a linear evaluation).
         load: a checkpoint (or model state dict) loaded into the whole model.
         pretrained_strict: refuse pretrained weights that do not fit the backbone exactly
@@ -73,11 +80,20 @@ class Trainer:
         self.evaluate_only = evaluate_only
         if not isinstance(self.epochs, int) or self.epochs < 1:
             raise ConfigError(f"epochs: expected a positive integer, got {self.epochs!r}")
+        # Nothing is written into output_dir until the run is built (a failed start leaves
+        # an earlier run there as it was) but the lock; the log waits in memory until then.
+        self._start_up()
+        self.run_lock = self._lock_output_dir()
+        try:
+            self._build(resume, pretrained, pretrained_strict, load, archive_old_run)
+        except BaseException:
+            self.run_lock.release()
+            raise
+
+    def _build(self, resume, pretrained, pretrained_strict, load, archive_old_run):
+        cfg, evaluate_only = self.cfg, self.evaluate_only
         if not resume and not evaluate_only:
             run_dir.check_fresh_start(self.output_dir, archive_old_run)
-        # Nothing is written into output_dir until the run is built (a failed start leaves
-        # an earlier run there as it was); the log waits in memory until then.
-        self._start_up()
         self.loaded_epoch = None  # epochs trained of the --load checkpoint, when it says
         self.model = self._build_model(pretrained, pretrained_strict, load)
         loaders = cfg.get("dataloader") or {}
@@ -97,6 +113,26 @@ class Trainer:
         self._open_output_dir(archive_old_run)
         if resume:
             self.metrics.truncate_after(self.iter)  # steps logged after the checkpoint
+
+    def _lock_output_dir(self):
+        """Process 0 takes ``output_dir/run.lock`` for the whole run (passl/engine/run_lock.py);
+        when another run holds it, every process stops with the line naming the holder."""
+        lock, refusal = RunLock(self.output_dir), None
+        if self.rank == 0:
+            try:
+                notice = lock.acquire()
+            except UserError as error:
+                refusal = str(error)
+            except OSError as error:
+                refusal = (f"output_dir {self.output_dir}: cannot create {lock.path} "
+                           f"({error.strerror or error})")
+            else:
+                if notice:
+                    self.logger.warning(notice)
+        refusal = distributed.all_gather_object(refusal)[0]
+        if refusal:
+            raise UserError(refusal)
+        return lock
 
     def _build_training(self, loaders, seed):
         """The train loader, schedule, optimizer and AMP (not needed to evaluate)."""
@@ -224,8 +260,12 @@ class Trainer:
     def _load_resume_checkpoint(self, resume):
         """``(path, state)`` of ``--resume``, read before the loaders are built: resuming with
         another number of processes may change the per-process batch (world_change.py)."""
-        path = checkpoint.resolve_resume_path(resume, self.output_dir)
-        state = checkpoint.load_checkpoint(path, trust=self.trust_file)
+        if resume == "auto":
+            path, state = checkpoint.find_resume_checkpoint(self.output_dir, self.trust_file,
+                                                            report=self.logger.warning)
+        else:
+            path, state = resume, checkpoint.load_checkpoint(resume, trust=self.trust_file)
+        checkpoint.check_not_complete(state, path, self.epochs)
         world_change.adapt_config(self.cfg, state, self.world_size, path, self.logger)
         return path, state
 
@@ -264,7 +304,10 @@ class Trainer:
             self.completed = True
         finally:
             self.stop_signals.uninstall()
-            self.call_hooks("after_run")
+            try:
+                self.call_hooks("after_run")
+            finally:
+                self.run_lock.release()
 
     def _set_resumed_rng(self):
         if self.resumed_rng is not None:
@@ -350,10 +393,14 @@ class Trainer:
 
     def evaluate(self):
         """Run every evaluator hook on the current weights; returns ``{metric: value}``."""
-        if not self.evaluators:
-            raise UserError("nothing to evaluate: no hook in the config's `hooks` has an "
-                            "evaluate() method; add an evaluation hook (see docs/training.md)")
-        return self._run_evaluators(epoch=self.loaded_epoch, evaluate_only=True)
+        try:
+            if not self.evaluators:
+                raise UserError("nothing to evaluate: no hook in the config's `hooks` has an "
+                                "evaluate() method; add an evaluation hook (see "
+                                "docs/training.md)")
+            return self._run_evaluators(epoch=self.loaded_epoch, evaluate_only=True)
+        finally:
+            self.run_lock.release()
 
     def _run_evaluators(self, epoch, evaluate_only=False):
         """Run the evaluators and write one ``eval`` record.

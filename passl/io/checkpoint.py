@@ -11,9 +11,11 @@ a signal (:mod:`passl.preemption`) writes ``epoch_E_step_S.pd``: S optimizer ste
 epoch E, both counted as the log lines count them (1-based epoch, steps done); it is removed
 once a later checkpoint is written.
 
-Crash safety: a checkpoint is written to ``epoch_N.pd.tmp``, flushed to disk and renamed
-(``os.replace`` is atomic); only then is ``latest.pd`` swapped, again by renaming a freshly
-made link over it. A crash at any point leaves ``latest.pd`` pointing at a complete file.
+Crash safety: a checkpoint is written to a temporary file of its own in the same folder
+(:func:`passl.io.safe_write.replacing`), flushed to disk and renamed (``os.replace`` is
+atomic); only then is ``latest.pd`` swapped, again by renaming a freshly made link over it.
+A crash at any point leaves ``latest.pd`` pointing at a complete file, and two writers of one
+path never see each other's half-written file.
 
 Content (one ``paddle.save`` dict, written by rank 0)::
 
@@ -48,6 +50,7 @@ from passl.errors import UserError
 from passl.io import foreign_layouts
 from passl.io.paddle_file import check_state_dict, load_paddle_file
 from passl.io.safe_pickle import printable
+from passl.io.safe_write import replacing, temporary_name
 
 # The toolkit's logger, by name: passl.utils.logger (a layer above this one) configures it.
 _LOGGER = logging.getLogger("passl")
@@ -166,36 +169,25 @@ def load_optimizer_state(optimizer, model, state):
 
 # ---------------------------------------------------------------- writing
 
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(state, path):
     """``paddle.save`` to ``path`` via a temporary file and a rename; never a partial ``path``."""
-    tmp = path + ".tmp"
-    try:
+    with replacing(path) as tmp:
         paddle.save(state, tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _point_latest(directory, target_name):
     """Atomically make ``directory/latest.pd`` refer to ``directory/target_name``."""
-    link, tmp = os.path.join(directory, LATEST), os.path.join(directory, LATEST + ".tmp")
-    if os.path.lexists(tmp):
-        os.remove(tmp)
+    link = os.path.join(directory, LATEST)
+    tmp = temporary_name(link)
     try:
-        os.symlink(target_name, tmp)
-    except OSError:  # no symlinks here (e.g. Windows without the privilege)
-        os.link(os.path.join(directory, target_name), tmp)
-    os.replace(tmp, link)
+        try:
+            os.symlink(target_name, tmp)
+        except OSError:  # no symlinks here (e.g. Windows without the privilege)
+            os.link(os.path.join(directory, target_name), tmp)
+        os.replace(tmp, link)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
 
 
 def checkpoint_name(epoch, steps_in_epoch=0):
@@ -262,15 +254,74 @@ def latest_checkpoint(output_dir):
     return link if os.path.isfile(link) else None
 
 
-def resolve_resume_path(resume, output_dir):
-    """``--resume`` value to a checkpoint path: ``auto`` means the latest in ``output_dir``."""
-    if resume != "auto":
-        return resume
-    path = latest_checkpoint(output_dir)
-    if path is None:
-        raise UserError(f"--resume auto: no checkpoint in {checkpoint_dir(output_dir)} "
-                        f"(no {LATEST}); start without --resume, or pass --resume PATH")
-    return path
+class RunAlreadyComplete(Exception):
+    """``--resume`` of a run that trained all its epochs: nothing to do (tools/train.py exits
+    0 with this message and writes nothing)."""
+
+
+def _position(name):
+    """``(epochs completed, steps into the next)`` of a checkpoint file name, else None."""
+    match = _EPOCH_FILE.match(name)
+    if match:
+        return int(match.group(1)), 0
+    match = _MID_EPOCH_FILE.match(name)
+    return (int(match.group(1)) - 1, int(match.group(2))) if match else None
+
+
+def resume_candidates(output_dir):
+    """The checkpoints ``--resume auto`` tries, in order: what ``latest.pd`` leads to, then
+    every ``epoch_N.pd`` and ``epoch_E_step_S.pd`` before it, newest position first.
+
+    Files beyond the position ``latest.pd`` names are left out: they are from an earlier
+    timeline of this output_dir (a run resumed from an older checkpoint writes over it).
+    Without ``latest.pd`` every checkpoint file is a candidate. Each file appears once.
+    """
+    directory = checkpoint_dir(output_dir)
+    link = os.path.join(directory, LATEST)
+    target = os.readlink(link) if os.path.islink(link) else None
+    cap = _position(os.path.basename(target)) if target else None
+    files = [(position, path) for position, path in
+             [(_position(os.path.basename(p)), p) for p in glob.glob(os.path.join(directory,
+                                                                                  "epoch_*.pd"))]
+             if position is not None and (cap is None or position <= cap)]
+    ordered = ([link] if os.path.isfile(link) and target is None else []) + \
+        [path for _, path in sorted(files, reverse=True)]
+    unique, seen = [], set()
+    for path in ordered:
+        identity = (os.stat(path).st_dev, os.stat(path).st_ino)
+        if identity not in seen:
+            seen.add(identity)
+            unique.append(path)
+    return unique
+
+
+def find_resume_checkpoint(output_dir, trust=False, report=None):
+    """``(path, state)`` of the newest of :func:`resume_candidates` that reads and is a
+    checkpoint; each one skipped goes to ``report(message)`` with the reason. Nothing is
+    deleted. No candidate at all, or none readable, is a UserError saying what to do."""
+    skipped = []
+    for path in resume_candidates(output_dir):
+        try:
+            return path, load_checkpoint(path, trust)
+        except UserError as error:
+            reason = str(error).removeprefix(f"--resume {path}: ")
+            skipped.append(f"{os.path.basename(path)} ({reason})")
+            if report:
+                report(f"--resume auto: skipped {path}: {reason}")
+    directory = checkpoint_dir(output_dir)
+    if not skipped:
+        raise UserError(f"--resume auto: no checkpoint in {directory} (no epoch_N.pd or "
+                        f"{LATEST}); start without --resume, or pass --resume PATH")
+    raise UserError(f"--resume auto: none of the {len(skipped)} checkpoint(s) in {directory} "
+                    f"can be resumed ({'; '.join(skipped)}); start afresh with "
+                    f"--archive-old-run (moves them to previous_runs/), or pass --resume PATH")
+
+
+def check_not_complete(state, path, epochs):
+    """Raise :class:`RunAlreadyComplete` when ``state`` has trained all ``epochs``."""
+    if int(state["epoch"]) >= epochs and not state.get("steps_in_epoch", 0):
+        raise RunAlreadyComplete(f"{path}: already complete: {int(state['epoch'])} epochs; "
+                                 f"pass -o epochs=M to train longer")
 
 
 def is_training_checkpoint(state):
@@ -334,9 +385,11 @@ def _check_resumable(state, where):
                         f"written by tools/train.py); resume from another checkpoint")
     for key, (check, expected) in {**_RESUMED, **_RESUMED_IF_PRESENT}.items():
         if key in state and not check(state[key]):
-            raise UserError(f"{where}: the checkpoint's '{key}' is a "
-                            f"{type(state[key]).__name__}, expected {expected}; resume from "
-                            f"another checkpoint")
+            value = state[key]
+            shown = (printable(repr(value), 40) if isinstance(value, (int, float, np.number))
+                     else f"a {type(value).__name__}")
+            raise UserError(f"{where}: the checkpoint's '{key}' is {shown}, expected {expected}; "
+                            f"resume from another checkpoint")
     check_state_dict(state["model"], f"{where}: 'model'")
     if len(state["per_rank"]) != state["world_size"]:
         raise UserError(f"{where}: the checkpoint holds {len(state['per_rank'])} process "

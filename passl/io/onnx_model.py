@@ -43,7 +43,7 @@ def read_onnx_dir(directory):
         raise UserError(f"model dir {directory}: no {META_FILE} beside {ONNX_FILE}; export "
                         f"with tools/export_model.py ... --format onnx")
     check_onnx_model(path)
-    return path, read_meta(directory)
+    return path, read_meta(directory, (path,))
 
 
 def _import_onnx():

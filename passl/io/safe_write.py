@@ -1,7 +1,14 @@
 """Output files written whole or not at all, and one-line errors when they cannot be written
-(a full disk, a quota, a read-only mount) naming the file, the reason and the free space."""
+(a full disk, a quota, a read-only mount) naming the file, the reason and the free space.
+
+A file is replaced through a temporary file of its own in the same folder and a rename
+(:func:`replacing`): each writer gets a new name (``.<name>.<pid>.<random>.tmp``, created
+exclusively), so two processes or threads writing one path never write into, rename or
+remove each other's temporary file; a reader sees the old file or a whole new one.
+"""
 import contextlib
 import os
+import secrets
 import shutil
 
 from passl.errors import ResumableError
@@ -69,16 +76,47 @@ def append_text(path, text):
         os.close(fd)
 
 
-def write_text_atomic(path, text):
-    """Replace ``path`` by ``text`` through a temporary file and a rename: a failure (an
-    OutputWriteError) leaves the previous ``path`` as it was and no temporary file."""
-    tmp = path + ".tmp"
+def temporary_name(path):
+    """A name for a temporary sibling of ``path`` that no other writer uses (not created)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
     try:
-        with reporting_write_errors(path):
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path, durable=True):
+    """Yield a new temporary path next to ``path``; when the block returns, the file written
+    there (flushed to disk when ``durable``) is renamed over ``path``. When the block or the
+    rename fails, the temporary file is removed and ``path`` is left as it was."""
+    while True:
+        tmp = temporary_name(path)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:  # 48 random bits taken: draw again
+            continue
+    try:
+        yield tmp
+        if durable:
+            _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path, text):
+    """Replace ``path`` by ``text`` (see :func:`replacing`): a failure (an OutputWriteError)
+    leaves the previous ``path`` as it was and no temporary file."""
+    with reporting_write_errors(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with replacing(path, durable=False) as tmp:
             with open(tmp, "w") as f:
                 f.write(text)
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

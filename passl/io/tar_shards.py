@@ -22,6 +22,7 @@ import tarfile
 import numpy as np
 
 from passl.errors import UserError
+from passl.io.safe_write import replacing
 
 FORMAT = 1
 INDEX = "index.npz"
@@ -49,15 +50,14 @@ def _add_member(tar, name, data):
 def _write_one_shard(path, samples):
     """Write ``samples`` [(key, ext, data, label)] to ``path``; ``[(offset, length)]`` of the
     image bytes, read back from the tar headers."""
-    tmp = path + ".tmp"
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, ext, data, label in samples:
-            _add_member(tar, f"{key}.{ext}", data)
-            _add_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
-    with tarfile.open(tmp) as tar:
-        places = [(m.offset_data, m.size) for m in tar.getmembers()
-                  if not m.name.endswith(".cls")]
-    os.replace(tmp, path)
+    with replacing(path, durable=False) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, ext, data, label in samples:
+                _add_member(tar, f"{key}.{ext}", data)
+                _add_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
+        with tarfile.open(tmp) as tar:
+            places = [(m.offset_data, m.size) for m in tar.getmembers()
+                      if not m.name.endswith(".cls")]
     return places
 
 
@@ -89,9 +89,9 @@ def write_shards(samples, directory, shard_size, classes=()):
              "shard_bytes": np.array(sizes, np.int64), "shard": np.array(shard, np.int32),
              "offset": np.array(offset, np.int64), "length": np.array(length, np.int64),
              "label": np.array(label, np.int64), "classes": np.array(list(classes), dtype=str)}
-    tmp = os.path.join(directory, INDEX + ".tmp.npz")
-    np.savez(tmp, **index)
-    os.replace(tmp, os.path.join(directory, INDEX))
+    with replacing(os.path.join(directory, INDEX), durable=False) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **index)
     return index
 
 
