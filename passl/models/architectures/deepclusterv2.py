@@ -1,14 +1,13 @@
 """DeepCluster-v2: multi-crop embeddings scored by prototypes set to k-means centroids."""
 import paddle
-import paddle.nn as nn
 
 from passl.errors import ConfigError
-from passl.models.architectures.swav import checked_crops, multicrop_embeddings, prototypes_used
-from passl.models.registry import BACKBONES, HEADS, LOSSES, MODELS, NECKS
+from passl.models.architectures.swav import MultiCropModel, checked_crops, prototypes_used
+from passl.models.registry import MODELS
 
 
 @MODELS.register()
-class DeepClusterV2(nn.Layer):
+class DeepClusterV2(MultiCropModel):
     """DeepCluster-v2 (Caron et al. 2020, appendix; facebookresearch/swav
     ``main_deepclusterv2.py``): SwAV's network, with targets from k-means instead of
     Sinkhorn.
@@ -27,17 +26,6 @@ class DeepClusterV2(nn.Layer):
     """
 
     needs_sample_indices = True
-
-    def __init__(self, backbone, neck, head, loss):
-        super().__init__()
-        self.backbone = BACKBONES.build(backbone)
-        self.neck = NECKS.build(neck)
-        self.head = HEADS.build(head)
-        self.loss = LOSSES.build(loss)
-
-    def embed(self, crops):
-        """Crop-major ``[sum(crops) * B, D]`` unit embeddings of a list of crop batches."""
-        return multicrop_embeddings(self.backbone, self.neck, crops)
 
     def forward(self, batch):
         if len(batch) < 3:

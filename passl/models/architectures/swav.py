@@ -40,16 +40,27 @@ def checked_crops(crops, nmb_crops):
     return crops
 
 
-def multicrop_embeddings(backbone, neck, crops):
-    """``[sum(crops) * B, D]`` crop-major embeddings: one backbone call per resolution (as
-    the reference's multi-resolution forward), then the neck on all crops at once."""
-    features = [backbone(paddle.concat(group)) for group in resolution_groups(crops)]
-    features = features[0] if len(features) == 1 else paddle.concat(features)
-    return neck(features)
+class MultiCropModel(nn.Layer):
+    """What SwAV and DeepCluster-v2 share: a backbone, a projection neck, a prototype head and
+    a loss, each built from its config block, and the multi-crop forward to embeddings."""
+
+    def __init__(self, backbone, neck, head, loss):
+        super().__init__()
+        self.backbone = BACKBONES.build(backbone)
+        self.neck = NECKS.build(neck)
+        self.head = HEADS.build(head)
+        self.loss = LOSSES.build(loss)
+
+    def embed(self, crops):
+        """``[sum(crops) * B, D]`` crop-major embeddings: one backbone call per resolution
+        (as the reference's multi-resolution forward), then the neck on all crops at once."""
+        features = [self.backbone(paddle.concat(group)) for group in resolution_groups(crops)]
+        features = features[0] if len(features) == 1 else paddle.concat(features)
+        return self.neck(features)
 
 
 @MODELS.register()
-class SwAV(nn.Layer):
+class SwAV(MultiCropModel):
     """Swapping Assignments between Views (Caron et al. 2020).
 
     Config keys (``model``): ``backbone``, ``neck``, ``head``, ``loss``: blocks
@@ -62,19 +73,12 @@ class SwAV(nn.Layer):
     prototypes are L2-normalised first, as the reference does before every step.
     """
 
-    def __init__(self, backbone, neck, head, loss):
-        super().__init__()
-        self.backbone = BACKBONES.build(backbone)
-        self.neck = NECKS.build(neck)
-        self.head = HEADS.build(head)
-        self.loss = LOSSES.build(loss)
-
     def forward(self, batch):
         crops = checked_crops(batch[0], self.loss.nmb_crops)
         if self.training:
             self.head.normalize_prototypes()
         batch_size = crops[0].shape[0]
-        embeddings = multicrop_embeddings(self.backbone, self.neck, crops)
+        embeddings = self.embed(crops)
         scores_per_head = self.head(embeddings)
         queue_in_use = self.loss.queue is not None and self.loss.queue.in_use()
         loss = self.loss(embeddings, scores_per_head, self.head.prototype_weights(), batch_size)

@@ -20,6 +20,7 @@ import paddle.nn.functional as F
 
 from passl import distributed
 from passl.errors import ConfigError
+from passl.models.losses.crops import checked_crop_config
 from passl.models.registry import LOSSES
 
 #: Rows of the bank scored against the centroids at once in the E step: bounds the
@@ -194,12 +195,7 @@ class DeepClusterV2Loss(nn.Layer):
 
     def __init__(self, nmb_crops, crops_for_assign=(0, 1), temperature=0.1):
         super().__init__()
-        self.nmb_crops = list(nmb_crops)
-        self.crops_for_assign = list(crops_for_assign)
-        num_crops = sum(self.nmb_crops)
-        if not self.crops_for_assign or any(not 0 <= c < num_crops for c in self.crops_for_assign):
-            raise ConfigError(f"model.loss.crops_for_assign {self.crops_for_assign} must be "
-                              f"non-empty crop indices below sum(nmb_crops) = {num_crops}")
+        self.nmb_crops, self.crops_for_assign = checked_crop_config(nmb_crops, crops_for_assign)
         if not temperature > 0:
             raise ConfigError(f"model.loss.temperature must be > 0, got {temperature!r}")
         self.temperature = temperature

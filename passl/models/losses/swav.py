@@ -14,6 +14,7 @@ import paddle.nn as nn
 
 from passl import distributed
 from passl.errors import ConfigError
+from passl.models.losses.crops import checked_crop_config
 from passl.models.registry import LOSSES
 
 # Sinkhorn and the cross-entropies are computed in float64 and returned as
@@ -131,12 +132,7 @@ class SwAVLoss(nn.Layer):
     def __init__(self, nmb_crops, crops_for_assign=(0, 1), temperature=0.1, epsilon=0.05,
                  sinkhorn_iterations=3):
         super().__init__()
-        self.nmb_crops = list(nmb_crops)
-        self.crops_for_assign = list(crops_for_assign)
-        num_crops = sum(self.nmb_crops)
-        if not self.crops_for_assign or any(not 0 <= c < num_crops for c in self.crops_for_assign):
-            raise ConfigError(f"model.loss.crops_for_assign {self.crops_for_assign} must be "
-                              f"non-empty crop indices below sum(nmb_crops) = {num_crops}")
+        self.nmb_crops, self.crops_for_assign = checked_crop_config(nmb_crops, crops_for_assign)
         for key, value in (("temperature", temperature), ("epsilon", epsilon)):
             if not value > 0:
                 raise ConfigError(f"model.loss.{key} must be > 0, got {value!r}")
