@@ -1,7 +1,6 @@
 """DeepCluster-v2 runs that stop (SIGKILL, SIGTERM mid-epoch) and resume continue exactly as
 the uninterrupted run: memory bank, assignments, weights and losses. On another number of
 processes the bank is re-sharded in sample order and clustered as one bank."""
-import os
 import subprocess
 import sys
 

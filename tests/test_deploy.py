@@ -42,7 +42,7 @@ EXPORT, PREDICT = load_tool("export_model"), load_tool("predict")
 def run_tool(tool, argv, capsys):
     """``(exit code, stdout, stderr)`` of a tool's run_cli in this process."""
     with pytest.raises(SystemExit) as exit_info:
-        tool.run_cli(tool.main, argv)
+        tool.run_cli(tool.main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
 

@@ -18,6 +18,7 @@ from passl.config import load_config
 from passl.errors import UserError
 from passl.models import MODELS
 from test_cli import assert_one_line_error
+from test_deploy import EXPORT, PREDICT, relative_difference, run_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_CONFIG = os.path.join(ROOT, "configs", "swav", "swav_clas_r18_digits.yaml")
@@ -29,27 +30,6 @@ needs_runtime = pytest.mark.skipif(bool(RUNTIME_MISSING), reason=f"no {RUNTIME_M
                                    f"(pip install -e '.[onnx]')")
 needs_onnx = pytest.mark.skipif(importlib.util.find_spec("onnx") is None,
                                 reason="no onnx package (pip install -e '.[onnx]')")
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EXPORT, PREDICT = load_tool("export_model"), load_tool("predict")
-
-
-def run_tool(tool, argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        tool.run_cli(tool.main, [str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
-
-
-def relative_difference(actual, expected):
-    return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ from passl.errors import ConfigError, UserError
 from passl.io.checkpoint import load_model_weights
 from passl.io.inference_model import META_FILE, OUTPUTS, model_prefix, write_meta
 from passl.io.onnx_model import ONNX_FILE
-from passl.io.safe_write import OutputWriteError, reporting_write_errors
+from passl.io.safe_write import reporting_write_errors
 from passl.io.weights import load_pretrained
 from passl.models import MODELS
 from passl.utils.logger import get_logger
