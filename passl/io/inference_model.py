@@ -223,6 +223,8 @@ def _legacy_dataflow_problem(program):
     block = program.blocks[0]
     declared = {var.name for var in block.vars}
     for op in block.ops:
+        if not all(isinstance(slot.parameter, str) for slot in [*op.inputs, *op.outputs]):
+            return f"operator {op.type!r} has a slot whose name is not text"
         wiring = [sorted((slot.parameter, len(slot.arguments)) for slot in slots)
                   for slots in (op.inputs, op.outputs)]
         expected = EXPORTED_OPS["legacy"].get(op.type, ({}, {}))
