@@ -245,3 +245,16 @@ def test_a_queue_within_an_epoch_is_not_warned_about():
     assert queue_fill_warning(192, 3, 64, 5, 100) is None
     assert queue_fill_warning(3840, 5005, 256, 15, 200) is None  # the paper's batch-256 recipe
     assert "fills in 1.5 epochs" in queue_fill_warning(192, 2, 64, 0, 2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"freeze_prototypes_niters": -1}, "SwAVHook.freeze_prototypes_niters must be >= 0, got -1"),
+    ({"freeze_prototypes_epochs": 1, "queue_length": -8},
+     "SwAVHook.queue_length must be >= 0, got -8"),
+    ({"freeze_prototypes_epochs": 1, "epoch_queue_starts": -1},
+     "SwAVHook.epoch_queue_starts must be >= 0, got -1"),
+])
+def test_negative_hook_counts_are_one_line_naming_the_key(kwargs, message):
+    with pytest.raises(ConfigError) as error:
+        SwAVHook(**kwargs)
+    assert str(error.value) == message

@@ -22,13 +22,17 @@ class FreezePrototypesHook(Hook):
         if (freeze_prototypes_niters is None) == (freeze_prototypes_epochs is None):
             raise ConfigError(f"{name}: give exactly one of freeze_prototypes_epochs and "
                               "freeze_prototypes_niters (0 disables freezing)")
-        for key, value in (("freeze_prototypes_niters", freeze_prototypes_niters),
-                           ("freeze_prototypes_epochs", freeze_prototypes_epochs)):
-            if value is not None and value < 0:
-                raise ConfigError(f"{name}.{key} must be >= 0, got {value}")
+        self.check_not_negative(freeze_prototypes_niters=freeze_prototypes_niters,
+                                freeze_prototypes_epochs=freeze_prototypes_epochs)
         self.freeze_prototypes_niters = freeze_prototypes_niters
         self.freeze_prototypes_epochs = freeze_prototypes_epochs
         self.freeze_iters = None  # set in before_run, when iterations per epoch are known
+
+    def check_not_negative(self, **counts):
+        """One line naming the hook and key of a count given below 0 (None: not given)."""
+        for key, value in counts.items():
+            if value is not None and value < 0:
+                raise ConfigError(f"{type(self).__name__}.{key} must be >= 0, got {value}")
 
     def before_run(self, trainer):
         if self.freeze_prototypes_epochs is not None:

@@ -1,7 +1,6 @@
 """SwAV's training-time schedule: frozen prototypes at the start, and the embedding queue."""
 from passl.engine.hooks.base import HOOKS
 from passl.engine.hooks.prototype_freezing import FreezePrototypesHook
-from passl.errors import ConfigError
 from passl.models.losses.swav_queue import (SwAVQueue, queue_rows_per_rank, queue_union,
                                             shard_queue_union)
 
@@ -52,10 +51,7 @@ class SwAVHook(FreezePrototypesHook):
     def __init__(self, freeze_prototypes_niters=None, freeze_prototypes_epochs=None,
                  queue_length=0, epoch_queue_starts=15):
         super().__init__(freeze_prototypes_niters, freeze_prototypes_epochs)
-        for key, value in (("queue_length", queue_length),
-                           ("epoch_queue_starts", epoch_queue_starts)):
-            if value is not None and value < 0:
-                raise ConfigError(f"SwAVHook.{key} must be >= 0, got {value}")
+        self.check_not_negative(queue_length=queue_length, epoch_queue_starts=epoch_queue_starts)
         self.queue_length = queue_length
         self.epoch_queue_starts = epoch_queue_starts
         self.queue_rows = None  # per rank, set in before_run
